@@ -1,0 +1,219 @@
+"""The frozen cloud backbone: any timm VisionTransformer, and MIST's gather g_k = z_0 + z_1 + ... + z_k.
+
+z_0 is the token sequence entering block 1 (patch embedding + position embedding + cls/register tokens, after
+`norm_pre`), z_i the output of block i before the final norm. We iterate timm's blocks directly (no hooks), using
+the same prologue as timm's own `forward_features` / `forward_intermediates`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mist_kit.config import BackboneSpec
+from mist_kit.errors import CheckpointError, DependencyError, InputError, UsageError
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise DependencyError(f"timm is not installed ({exc}); install the training extra: pip install "
+                              "'mist-kit[train]'") from None
+    return timm
+
+
+def _check_name(name: str) -> None:
+    timm = _timm()
+    if name not in timm.list_models():
+        close = difflib.get_close_matches(name, timm.list_models("vit*") + timm.list_models("deit*"), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('vit_*')"
+        raise UsageError(f"unknown backbone {name!r}{hint}")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise InputError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read weights ({type(exc).__name__}: {str(exc)[:160]})") from None
+    for key in ("model", "state_dict", "model_state"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: expected a state dict of tensors")
+    return sd
+
+
+def create_vit(name: str, img_size: int | None = None, weights: str | Path | None = None,
+               pretrained: bool = False, seed: int | None = None) -> nn.Module:
+    """Create a timm VisionTransformer in eval mode with frozen parameters.
+
+    Exactly one weight source: `weights` (safetensors, or .pth/.pt read with `weights_only=True`), `pretrained`
+    (timm's model hub: fails with one line offline) or neither with a `seed` (a seeded random init, for demos).
+    """
+    if weights is not None and pretrained:
+        raise UsageError("cannot use both --weights and --pretrained; pick one weight source")
+    _check_name(name)
+    timm = _timm()
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    kwargs = {"num_classes": 0}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as exc:
+        if pretrained:
+            raise DependencyError(f"cannot fetch pretrained weights for {name!r} from the model hub "
+                                  f"({type(exc).__name__}); offline, pass --weights FILE instead") from None
+        raise UsageError(f"cannot create backbone {name!r}: {str(exc)[:200]}") from None
+    if not isinstance(model, VisionTransformer):
+        raise UsageError(f"backbone {name!r} is a {type(model).__name__}, not a timm VisionTransformer (ViT, DeiT, "
+                         "DINO/DINOv2)")
+    if weights is not None:
+        path = Path(weights)
+        state = checkpoint_filter_fn(_read_state_dict(path), model)  # resamples pos_embed to img_size, etc.
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        result = model.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("head.")]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(f"{path}: weights do not fit backbone {name!r} (missing {missing[:3]}, "
+                                  f"unexpected {result.unexpected_keys[:3]})")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def spec_for(model: nn.Module, name: str, weights: str | Path | None, weights_sha256: str, pretrained: bool,
+             mean: tuple[float, float, float] | None = None,
+             std: tuple[float, float, float] | None = None) -> BackboneSpec:
+    """Describe a created model: shapes, preprocessing (mean/std from its pretrained config unless given)."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    img_size = model.patch_embed.img_size[0]
+    return BackboneSpec(
+        name=name,
+        weights=str(Path(weights).resolve()) if weights is not None else None,
+        weights_sha256=weights_sha256,
+        source="pretrained" if pretrained else "file",
+        img_size=int(img_size),
+        mean=tuple(float(x) for x in (mean or cfg.get("mean", (0.485, 0.456, 0.406)))),  # type: ignore[arg-type]
+        std=tuple(float(x) for x in (std or cfg.get("std", (0.229, 0.224, 0.225)))),  # type: ignore[arg-type]
+        num_blocks=len(model.blocks),
+        num_tokens=int(model.patch_embed.num_patches + model.num_prefix_tokens),
+        embed_dim=int(model.embed_dim),
+        num_prefix_tokens=int(model.num_prefix_tokens),
+    )
+
+
+def load_backbone(name: str, *, img_size: int | None = None, weights: str | Path | None = None,
+                  pretrained: bool = False, mean: tuple[float, float, float] | None = None,
+                  std: tuple[float, float, float] | None = None) -> tuple[nn.Module, BackboneSpec]:
+    """Create the frozen backbone from a weights file or the hub and describe it (hash, shapes, preprocessing)."""
+    if weights is None and not pretrained:
+        raise UsageError("no backbone weights: pass --weights FILE (safetensors) or --pretrained (needs the hub)")
+    model = create_vit(name, img_size=img_size, weights=weights, pretrained=pretrained)
+    digest = sha256_file(weights) if weights is not None else f"pretrained:{name}"
+    return model, spec_for(model, name, weights, digest, pretrained, mean, std)
+
+
+def load_backbone_for(spec: BackboneSpec, weights_override: str | Path | None = None) -> nn.Module:
+    """Recreate the exact backbone a checkpoint was trained on, refusing weights with another sha256."""
+    weights = weights_override if weights_override is not None else spec.weights
+    if spec.source == "pretrained" and weights_override is None:
+        return create_vit(spec.name, img_size=spec.img_size, pretrained=True)
+    if weights is None or not Path(weights).is_file():
+        raise CheckpointError(f"backbone weights {weights} not found; pass --weights FILE (sha256 "
+                              f"{spec.weights_sha256[:12]}...)")
+    digest = sha256_file(weights)
+    if digest != spec.weights_sha256:
+        raise CheckpointError(f"{weights}: sha256 {digest[:12]}... differs from the checkpoint's backbone "
+                              f"({spec.weights_sha256[:12]}...): these are other weights")
+    return create_vit(spec.name, img_size=spec.img_size, weights=weights)
+
+
+def embed_tokens(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """z_0: patch embed + position embedding + prefix tokens, after norm_pre. (B, 3, H, W) -> (B, T, D)."""
+    x = model.patch_embed(pixel_values)
+    x = model._pos_embed(x)  # timm's own prologue step (adds cls/reg tokens and position embeddings)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
+
+
+class GatherModel(nn.Module):
+    """pixel_values -> g_k for one k, running blocks 1..k only. This is what the cloud graph exports."""
+
+    def __init__(self, vit: nn.Module, k: int) -> None:
+        super().__init__()
+        if not 0 <= k <= len(vit.blocks):
+            raise UsageError(f"k={k} is outside 0..{len(vit.blocks)} for this backbone")
+        self.vit, self.k = vit, k
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = embed_tokens(self.vit, pixel_values)  # (B, T, D)
+        gather = x
+        for block in self.vit.blocks[: self.k]:
+            x = block(x)
+            gather = gather + x
+        return gather  # (B, T, D)
+
+
+@dataclass
+class BackboneOutputs:
+    """Per image: the prefix sums g_k for each requested k, and the final-norm cls token (linear baseline)."""
+
+    gathers: dict[int, torch.Tensor]  # k -> (B, T, D)
+    final_cls: torch.Tensor  # (B, D)
+
+
+@torch.no_grad()
+def run_backbone(model: nn.Module, pixel_values: torch.Tensor, ks: tuple[int, ...]) -> BackboneOutputs:
+    """One backbone pass producing every candidate gather at once (prefix sums share the work)."""
+    x = embed_tokens(model, pixel_values)
+    running = x
+    gathers: dict[int, torch.Tensor] = {}
+    if 0 in ks:
+        gathers[0] = running.clone()
+    for i, block in enumerate(model.blocks, start=1):
+        x = block(x)
+        running = running + x
+        if i in ks:
+            gathers[i] = running.clone()
+    final = model.norm(x)
+    cls = final[:, 0] if model.num_prefix_tokens > 0 else final.mean(dim=1)
+    return BackboneOutputs(gathers=gathers, final_cls=cls)
+
+
+def save_random_backbone(name: str, path: str | Path, img_size: int | None = None, seed: int = 0) -> Path:
+    """Write a seeded random-init backbone to a safetensors file (the offline demo's stand-in for real weights)."""
+    from safetensors.torch import save_file
+
+    from mist_kit.atomic import atomic_path
+
+    model = create_vit(name, img_size=img_size, seed=seed)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"source": f"random-init seed={seed}", "backbone": name})
+    return Path(path)

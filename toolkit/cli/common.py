@@ -1,0 +1,88 @@
+"""Shared CLI plumbing: one-line errors with exit codes, JSON output, and parsing helpers.
+
+Torch-free: `run-edge` must start without importing torch, so heavy modules are imported inside commands.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from mist_kit.errors import MistError
+
+F = TypeVar("F", bound=Callable[..., Any])
+console = Console(stderr=True)  # human-readable progress goes to stderr; stdout stays clean for --json
+
+
+def cli_errors(fn: F) -> F:
+    """Turn `MistError` into `error: <message>` on stderr with its exit code (never a traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MistError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: finished work was kept (caches resume on the next run)", err=True)
+            raise typer.Exit(130) from None
+        except MemoryError:
+            typer.echo("error: out of memory (the device profile's memory cap was exceeded?)", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(obj: Any) -> None:
+    """One JSON object on stdout (numpy scalars converted)."""
+
+    def default(o: Any) -> Any:
+        if hasattr(o, "item"):
+            return o.item()
+        if hasattr(o, "tolist"):
+            return o.tolist()
+        return str(o)
+
+    sys.stdout.write(json.dumps(obj, default=default) + "\n")
+    sys.stdout.flush()
+
+
+def parse_triple(text: str | None, flag: str) -> tuple[float, float, float] | None:
+    """Parse 'a,b,c' into three floats (for --mean/--std)."""
+    if text is None:
+        return None
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{flag}: expected three comma-separated numbers, got {text!r}") from None
+    if len(parts) != 3:
+        raise typer.BadParameter(f"{flag}: expected three comma-separated numbers, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def parse_ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
+def logger(quiet: bool) -> Callable[[str], None]:
+    """Progress lines to stderr unless quiet."""
+    if quiet:
+        return lambda _msg: None
+    return lambda msg: console.print(msg, highlight=False, markup=False)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("MIST_KIT_DEBUG", "") not in ("", "0")

@@ -1,0 +1,119 @@
+"""`mist-kit train`, `evaluate` and `methods`: thin commands over `mist_kit.pipeline`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mist_kit.cli.common import cli_errors, console, logger, parse_ints, parse_triple, print_json
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("evaluate")(evaluate)
+    app.command("methods")(methods)
+
+
+@cli_errors
+def train(
+    train: Annotated[str, typer.Option("--train", help="Training data: ImageFolder dir or list file")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (checkpoint/ and cache/)")],
+    backbone: Annotated[str, typer.Option(help="timm ViT name, e.g. vit_small_patch14_dinov2")] = "test_vit",
+    weights: Annotated[Path | None, typer.Option(help="Backbone weights (.safetensors, or .pth)")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Fetch weights from the model hub")] = False,
+    val: Annotated[str | None, typer.Option("--val", help="Validation data (chooses k, early stopping)")] = None,
+    test: Annotated[str | None, typer.Option("--test", help="Test data, reported as test_top1")] = None,
+    img_size: Annotated[int | None, typer.Option(help="Input size (default: the model's)")] = None,
+    mean: Annotated[str | None, typer.Option(help="Normalisation mean 'r,g,b' (default: model's)")] = None,
+    std: Annotated[str | None, typer.Option(help="Normalisation std 'r,g,b' (default: model's)")] = None,
+    method: Annotated[str, typer.Option(help="Edge method: mist | linear")] = "mist",
+    k: Annotated[str, typer.Option(help="'auto' (choose on --val) or a fixed gather depth")] = "auto",
+    ks: Annotated[str | None, typer.Option(help="Candidate ks for auto, e.g. 4,8,12 (default N/3,2N/3,N)")] = None,
+    pool: Annotated[str, typer.Option(help="mist pooling: cls | mean")] = "cls",
+    rank: Annotated[int, typer.Option(help="mist attention rank r")] = 16,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs")] = 30,
+    batch_size: Annotated[int, typer.Option(help="Training batch size")] = 32,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 3e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 1e-2,
+    patience: Annotated[int, typer.Option(help="Early stopping: epochs without val improvement")] = 8,
+    label_smoothing: Annotated[float, typer.Option(help="Cross-entropy label smoothing")] = 0.0,
+    dropout: Annotated[float, typer.Option(help="mist dropout on the pooled embedding")] = 0.0,
+    refit: Annotated[bool, typer.Option("--refit", help="Retrain the chosen k on train + val")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root (default OUT/cache)")] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (counted)")] = False,
+    backbone_batch: Annotated[int, typer.Option(help="Images per backbone batch while caching")] = 32,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout")] = False,
+) -> None:
+    """Cache backbone features once, choose k on --val, train the edge network, write a checkpoint."""
+    from mist_kit.edge import get_edge_method
+    from mist_kit.pipeline import TrainRequest, run_training
+    from mist_kit.train import TrainParams
+
+    method_params: dict = {}
+    if get_edge_method(method).input_kind == "gather":
+        method_params = {"rank": rank, "pool": pool, "dropout": dropout}
+    k_value: int | None
+    if k == "auto":
+        k_value = None
+    else:
+        try:
+            k_value = int(k)
+        except ValueError:
+            raise typer.BadParameter(f"--k: expected 'auto' or an integer, got {k!r}") from None
+    req = TrainRequest(
+        backbone=backbone, train=train, val=val, test=test, out=out,
+        weights=str(weights) if weights else None, pretrained=pretrained, img_size=img_size,
+        mean=parse_triple(mean, "--mean"), std=parse_triple(std, "--std"), method=method, k=k_value,
+        ks=parse_ints(ks, "--ks"), method_params=method_params,
+        params=TrainParams(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                           patience=patience, label_smoothing=label_smoothing, seed=seed),
+        refit=refit, cache_dir=cache_dir, skip_bad=skip_bad, backbone_batch=backbone_batch, progress=not json_out,
+    )
+    report = run_training(req, log=logger(json_out))
+    if json_out:
+        print_json(report)
+        return
+    table = Table(title="mist-kit train")
+    table.add_column("metric")
+    table.add_column("value")
+    for key in ("method", "k", "val_top1", "test_top1", "trainable_params", "cache_seconds", "train_seconds",
+                "checkpoint"):
+        if key in report:
+            value = report[key]
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) and "top1" in key else str(value))
+    console.print(table)
+
+
+@cli_errors
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (or a train --out directory)")],
+    data: Annotated[str, typer.Argument(help="Labelled data: ImageFolder dir or list file")],
+    weights: Annotated[Path | None, typer.Option(help="Backbone weights if moved since training")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root")] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (counted)")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout")] = False,
+) -> None:
+    """Top-1 accuracy of a checkpoint on labelled data."""
+    from mist_kit.pipeline import run_evaluation
+
+    report = run_evaluation(checkpoint, data, cache_dir=cache_dir, weights=str(weights) if weights else None,
+                            skip_bad=skip_bad, progress=not json_out, log=logger(json_out))
+    if json_out:
+        print_json(report)
+    else:
+        console.print(f"top1 {report['top1']:.4f} on {report['images']} images (k={report['k']}, "
+                      f"{report['method']})", highlight=False)
+
+
+@cli_errors
+def methods() -> None:
+    """List the registered edge methods."""
+    from mist_kit.edge import get_edge_method, list_edge_methods
+
+    for name in list_edge_methods():
+        cls = get_edge_method(name)
+        typer.echo(f"{name}\t{cls.input_kind}\t{(cls.__doc__ or '').strip().splitlines()[0]}")

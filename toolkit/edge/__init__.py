@@ -1,0 +1,15 @@
+"""Edge methods: the networks that run on the device, addressable by registered name."""
+
+from mist_kit.edge.base import EdgeMethod
+from mist_kit.edge.lae import LinearProbe, LowRankAttentionEdge
+from mist_kit.edge.registry import create_edge_method, get_edge_method, list_edge_methods, register_edge_method
+
+__all__ = [
+    "EdgeMethod",
+    "LinearProbe",
+    "LowRankAttentionEdge",
+    "create_edge_method",
+    "get_edge_method",
+    "list_edge_methods",
+    "register_edge_method",
+]

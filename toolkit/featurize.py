@@ -1,0 +1,128 @@
+"""Run the frozen backbone once over a dataset and fill the feature cache (batched, no grad, resumable).
+
+Decoding the next batch's images overlaps with the backbone running on the current one (a small thread pool;
+Pillow releases the GIL while decoding). Ctrl-C keeps every finished batch; the next run resumes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mist_kit.backbone import run_backbone
+from mist_kit.cache import CachedSplit, CacheWriter, open_complete, split_cache_dir
+from mist_kit.config import BackboneSpec
+from mist_kit.data import ImageList, load_pixels
+from mist_kit.errors import DataError
+
+Log = Callable[[str], None]
+
+
+def cache_binding(spec: BackboneSpec, images: ImageList, ks: tuple[int, ...]) -> dict:
+    """Everything the cached numbers depend on; any change makes the cache stale."""
+    return {
+        "backbone": spec.name,
+        "weights_sha256": spec.weights_sha256,
+        "img_size": spec.img_size,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "resize": spec.resize,
+        "images_sha256": images.fingerprint(),
+        "n": len(images),
+        "ks": sorted(ks),
+        "tokens": spec.num_tokens,
+        "dim": spec.embed_dim,
+    }
+
+
+def _load_batch(images: ImageList, rows: np.ndarray, spec: BackboneSpec, skip_bad: bool
+                ) -> tuple[list[int], list[np.ndarray], list[int]]:
+    ok_rows, pixels, bad_rows = [], [], []
+    for r in rows:
+        try:
+            pixels.append(load_pixels(images.paths[r], spec.img_size, spec.mean, spec.std))
+            ok_rows.append(int(r))
+        except DataError:
+            if not skip_bad:
+                raise
+            bad_rows.append(int(r))
+    return ok_rows, pixels, bad_rows
+
+
+def cache_features(model: nn.Module, spec: BackboneSpec, images: ImageList, cache_root: Path,
+                   ks: tuple[int, ...], *, batch_size: int = 32, skip_bad: bool = False, progress: bool = True,
+                   log: Log = print) -> tuple[CachedSplit, float, int]:
+    """Return (cache, seconds spent computing, images skipped) for `images`, computing only what is missing."""
+    binding = cache_binding(spec, images, ks)
+    path = split_cache_dir(Path(cache_root), images.source)
+    cached, reason = open_complete(path, binding)
+    if cached is not None:
+        skipped = int(len(images) - len(cached.valid()))
+        log(f"cache hit: {path} ({len(images)} images)")
+        return cached, 0.0, skipped
+    if reason:
+        log(f"cache {path}: {reason}; rebuilding")
+    writer = CacheWriter(path, binding, images.classes, np.asarray(images.labels), spec.num_tokens, spec.embed_dim)
+    todo = writer.pending()
+    if len(todo) < len(images):
+        log(f"resuming cache {path}: {len(images) - len(todo)} of {len(images)} images already done")
+    batches = [todo[i: i + batch_size] for i in range(0, len(todo), batch_size)]
+    start = time.perf_counter()
+    bar = _progress(progress, len(todo), f"caching {Path(images.source).name}")
+    with ThreadPoolExecutor(max_workers=2) as pool, bar:
+        future = pool.submit(_load_batch, images, batches[0], spec, skip_bad) if batches else None
+        for i in range(len(batches)):
+            ok_rows, pixels, bad_rows = future.result()  # type: ignore[union-attr]
+            if i + 1 < len(batches):
+                future = pool.submit(_load_batch, images, batches[i + 1], spec, skip_bad)
+            for r in bad_rows:
+                log(f"skipping unreadable image {images.paths[r]}")
+                writer.skip(r)
+            if ok_rows:
+                out = run_backbone(model, torch.from_numpy(np.stack(pixels)), tuple(ks))
+                writer.write(np.asarray(ok_rows), {k: v.numpy() for k, v in out.gathers.items()},
+                             out.final_cls.numpy())
+            bar.advance(len(batches[i]))
+    seconds = time.perf_counter() - start
+    split = writer.publish()
+    skipped = int(len(images) - len(split.valid()))
+    if skipped == len(images):
+        raise DataError(f"{images.source}: every image was unreadable")
+    return split, seconds, skipped
+
+
+class _Bar:
+    """A rich progress bar, or nothing when progress is off (JSON mode, tests)."""
+
+    def __init__(self, enabled: bool, total: int, label: str) -> None:
+        self.enabled, self.total, self.label = enabled and total > 0, total, label
+        self._progress = None
+        self._task = None
+
+    def __enter__(self) -> _Bar:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeRemainingColumn(), transient=True)
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self.label, total=self.total)
+        return self
+
+    def advance(self, n: int) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+
+def _progress(enabled: bool, total: int, label: str) -> _Bar:
+    return _Bar(enabled, total, label)

@@ -1,0 +1,180 @@
+"""Training edge methods from cached features: AdamW, warmup + cosine schedule, seeded, early-stopped on val.
+
+Several candidates (one per k) train in one loop over the same shuffled batches, each with its own optimiser,
+and each stops when its validation top-1 has not improved for `patience` epochs. That is MIST's k selection on
+validation data at the cost of one training run per candidate, with no extra backbone passes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mist_kit.edge.base import EdgeMethod
+from mist_kit.errors import UsageError
+
+FeatureTransform = Callable[[np.ndarray], np.ndarray]
+EpochCallback = Callable[[int, dict[Hashable, dict[str, float]]], None]
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Optimisation settings; defaults suit ~1k-image tasks (VTAB-1k)."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 1e-2
+    warmup_epochs: int = 2
+    label_smoothing: float = 0.0
+    patience: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise UsageError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.patience < 1:
+            raise UsageError(f"--patience must be >= 1, got {self.patience}")
+
+
+@dataclass
+class FitResult:
+    """One candidate's outcome: the state to keep (best on val, or last without val) and its history."""
+
+    state: dict[str, torch.Tensor]
+    best_epoch: int
+    best_val_top1: float | None
+    epochs_run: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _schedule(params: TrainParams, steps_per_epoch: int) -> Callable[[int], float]:
+    total = params.epochs * steps_per_epoch
+    warmup = min(params.warmup_epochs * steps_per_epoch, total // 2)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _batch(x: np.ndarray, idx: np.ndarray, transform: FeatureTransform | None) -> torch.Tensor:
+    arr = np.asarray(x[idx], dtype=np.float32)
+    if transform is not None:
+        arr = transform(arr)
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+@torch.no_grad()
+def predict_logits(model: EdgeMethod, x: np.ndarray, transform: FeatureTransform | None = None,
+                   batch_size: int = 256) -> np.ndarray:
+    """Logits [N, C] for cached features `x` (float16 or float32, any N)."""
+    model.eval()
+    out = [model(_batch(x, np.arange(i, min(i + batch_size, len(x))), transform)).numpy()
+           for i in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, model.num_classes), np.float32)
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of rows whose argmax equals the label."""
+    return float(np.mean(np.argmax(logits, axis=1) == np.asarray(labels))) if len(labels) else 0.0
+
+
+def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hashable, np.ndarray],
+                   train_y: np.ndarray, params: TrainParams,
+                   val_x: Mapping[Hashable, np.ndarray] | None = None, val_y: np.ndarray | None = None,
+                   transform: FeatureTransform | None = None,
+                   on_epoch: EpochCallback | None = None) -> dict[Hashable, FitResult]:
+    """Train every candidate on the same batch sequence; with val data, keep each one's best-val state."""
+    rng = np.random.default_rng(params.seed)
+    n = len(train_y)
+    steps_per_epoch = max(1, math.ceil(n / params.batch_size))
+    y_all = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
+    opts, scheds = {}, {}
+    for key, model in models.items():
+        decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
+        no_decay = [p for name, p in model.named_parameters() if p.ndim < 2 and p.requires_grad]
+        opts[key] = torch.optim.AdamW([{"params": decay, "weight_decay": params.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=params.lr)
+        scheds[key] = torch.optim.lr_scheduler.LambdaLR(opts[key], _schedule(params, steps_per_epoch))
+    results = {key: FitResult(state=copy.deepcopy(m.state_dict()), best_epoch=0, best_val_top1=None, epochs_run=0)
+               for key, m in models.items()}
+    active = set(models)
+    with torch.random.fork_rng():
+        torch.manual_seed(params.seed)
+        for epoch in range(1, params.epochs + 1):
+            order = rng.permutation(n)
+            losses = {key: 0.0 for key in active}
+            for key in active:
+                models[key].train()
+            for s in range(steps_per_epoch):
+                idx = np.sort(order[s * params.batch_size: (s + 1) * params.batch_size])
+                y = y_all[idx]
+                for key in active:
+                    loss = loss_fn(models[key](_batch(train_x[key], idx, transform)), y)
+                    opts[key].zero_grad(set_to_none=True)
+                    loss.backward()
+                    opts[key].step()
+                    scheds[key].step()
+                    losses[key] += float(loss) * len(idx) / n
+            report: dict[Hashable, dict[str, float]] = {}
+            for key in list(active):
+                res = results[key]
+                res.epochs_run = epoch
+                row = {"epoch": epoch, "loss": losses[key]}
+                if val_x is not None and val_y is not None:
+                    acc = top1(predict_logits(models[key], val_x[key], transform), val_y)
+                    row["val_top1"] = acc
+                    if res.best_val_top1 is None or acc > res.best_val_top1:
+                        res.best_val_top1, res.best_epoch = acc, epoch
+                        res.state = copy.deepcopy(models[key].state_dict())
+                    elif epoch - res.best_epoch >= params.patience:
+                        active.discard(key)
+                else:
+                    res.best_epoch, res.state = epoch, copy.deepcopy(models[key].state_dict())
+                res.history.append(row)
+                report[key] = row
+            if on_epoch is not None:
+                on_epoch(epoch, report)
+            if not active:
+                break
+    for key, model in models.items():
+        model.load_state_dict(results[key].state)
+        model.eval()
+    return results
+
+
+def fit(model: EdgeMethod, train_x: np.ndarray, train_y: np.ndarray, params: TrainParams,
+        val_x: np.ndarray | None = None, val_y: np.ndarray | None = None,
+        transform: FeatureTransform | None = None, on_epoch: EpochCallback | None = None) -> FitResult:
+    """Train one model (see `fit_candidates`)."""
+    res = fit_candidates({0: model}, {0: train_x}, train_y, params,
+                         None if val_x is None else {0: val_x}, val_y, transform, on_epoch)
+    return res[0]
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """Run `fn`, return (result, wall seconds)."""
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
