@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny digits dataset and a tiny trained checkpoint, built once per test session.
+
+Everything is offline, seeded and written under pytest's tmp paths; nothing needs ../shared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_BACKBONE = "test_vit"  # timm's registered tiny ViT: width 64, 6 blocks
+TINY_IMG = 32  # 2x2 patches of 16 px + cls = 5 tokens: fast everywhere
+
+
+@pytest.fixture(scope="session")
+def digits_lists(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """train/val/test list files of upscaled sklearn digits (800/200/797 images)."""
+    from mist_kit.demo_data import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits"), size=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seeded random-init test_vit weights as safetensors."""
+    from mist_kit.backbone import save_random_backbone
+
+    return save_random_backbone(TINY_BACKBONE, tmp_path_factory.mktemp("weights") / "tiny.safetensors",
+                                img_size=TINY_IMG, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, digits_lists: dict[str, Path],
+                    tiny_weights: Path) -> dict:
+    """A mist checkpoint trained on digits at k=2 (report dict from run_training; 'checkpoint' is its path)."""
+    from mist_kit.pipeline import TrainRequest, run_training
+    from mist_kit.train import TrainParams
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    req = TrainRequest(backbone=TINY_BACKBONE, weights=str(tiny_weights), img_size=TINY_IMG,
+                       train=str(digits_lists["train"]), val=str(digits_lists["val"]),
+                       test=str(digits_lists["test"]), out=out, k=2,
+                       params=TrainParams(epochs=15, lr=1e-2, seed=0), progress=False)
+    report = run_training(req, log=lambda _m: None)
+    report["out"] = out
+    return report
