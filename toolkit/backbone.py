@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +46,49 @@ def _check_name(name: str) -> None:
         close = difflib.get_close_matches(name, timm.list_models("vit*") + timm.list_models("deit*"), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('vit_*')"
         raise UsageError(f"unknown backbone {name!r}{hint}")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers a TCP connect within `timeout` seconds (DNS included).
+
+    Offline, huggingface_hub retries every download with backoff for over a minute before giving up; probing
+    first turns that into one clear error in a few seconds. The probe runs in a daemon thread because name
+    resolution itself has no timeout.
+    """
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    host, port = parsed.hostname or "huggingface.co", parsed.port or (443 if parsed.scheme != "http" else 80)
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1.0)
+    return bool(ok)
+
+
+def _pretrained_in_local_cache(name: str) -> bool:
+    """Whether timm's hub weights for `name` are already in the local Hugging Face cache (usable offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name)
+        repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        if not repo:
+            return False
+        return any(isinstance(try_to_load_from_cache(repo, f), str)
+                   for f in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin"))
+    except Exception:  # any failure here only means "not known to be cached"
+        return False
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -82,6 +128,9 @@ def create_vit(name: str, img_size: int | None = None, weights: str | Path | Non
         kwargs["img_size"] = img_size
     if seed is not None:
         torch.manual_seed(seed)
+    if pretrained and not _pretrained_in_local_cache(name) and not _hub_reachable():
+        raise DependencyError(f"--pretrained needs the model hub, which is unreachable (offline?); pass --weights "
+                              f"FILE with {name!r} weights (safetensors) instead")
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as exc:
@@ -201,9 +250,19 @@ def run_backbone(model: nn.Module, pixel_values: torch.Tensor, ks: tuple[int, ..
         running = running + x
         if i in ks:
             gathers[i] = running.clone()
-    final = model.norm(x)
-    cls = final[:, 0] if model.num_prefix_tokens > 0 else final.mean(dim=1)
-    return BackboneOutputs(gathers=gathers, final_cls=cls)
+    return BackboneOutputs(gathers=gathers, final_cls=final_embedding(model, x))
+
+
+def final_embedding(model: nn.Module, last: torch.Tensor) -> torch.Tensor:
+    """The backbone's own pre-logits embedding from the last block's tokens: final norm, then timm's pooling.
+
+    That is the final-norm cls token for cls-token models (ViT, DeiT, DINOv2) and timm's pool (e.g. the patch-token
+    mean after fc_norm) for models without one, never a register token. (B, T, D) -> (B, D).
+    """
+    pooled = model.forward_head(model.norm(last), pre_logits=True)
+    if pooled.ndim == 3:  # global_pool='' keeps the sequence: fall back to the first token / token mean
+        pooled = pooled[:, 0] if getattr(model, "cls_token", None) is not None else pooled.mean(dim=1)
+    return pooled
 
 
 def save_random_backbone(name: str, path: str | Path, img_size: int | None = None, seed: int = 0) -> Path:

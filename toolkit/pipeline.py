@@ -124,17 +124,33 @@ def run_training(req: TrainRequest, log: Log = print, transform: FeatureTransfor
         candidates = [None]
     else:
         candidates = [req.k] if req.k is not None else list(ks)
-    models = {k: _new_method(req.method, spec, len(classes), req.method_params, req.params.seed, num_tokens)
-              for k in candidates}
     tx = {k: _features(splits["train"], kind, k) for k in candidates}
     vx = {k: _features(splits["val"], kind, k) for k in candidates} if "val" in splits else None
+    transforms: dict[Any, FeatureTransform | None] = {k: transform for k in candidates}
+    codec_specs: dict[Any, dict[str, Any]] = {}
+    if codec is not None and codec.get("name", "fp32") != "fp32":
+        if kind != "gather":
+            raise UsageError(f"--codec applies to methods that consume the gather; {req.method!r} does not")
+        if "tokens" not in codec:  # a bare name: calibrate it on this training split, per candidate k
+            from mist_kit.calibration.codec_calib import fit_for_candidates
+
+            fitted = fit_for_candidates(codec["name"], tx, spec.num_prefix_tokens)
+            codec_specs = {k: c.spec() for k, c in fitted.items()}
+            transforms = {k: None if c.lossless else c.roundtrip for k, c in fitted.items()}
+            num_tokens = next(iter(fitted.values())).out_tokens
+            log(f"codec {codec['name']}: calibrated on {min(len(y_train), 256)} training images per k; "
+                f"the edge network sees {num_tokens} tokens")
+        elif transform is None:
+            transforms = {k: codec_transform(codec) for k in candidates}
+    models = {k: _new_method(req.method, spec, len(classes), req.method_params, req.params.seed, num_tokens)
+              for k in candidates}
 
     def on_epoch(epoch: int, rows: dict) -> None:
         parts = [f"k={k}: loss {r['loss']:.3f}" + (f" val {r['val_top1']:.3f}" if "val_top1" in r else "")
                  for k, r in rows.items()]
         log(f"epoch {epoch:3d}  " + "  ".join(parts))
 
-    results = fit_candidates(models, tx, y_train, req.params, vx, y_val, transform, on_epoch)
+    results = fit_candidates(models, tx, y_train, req.params, vx, y_val, transforms, on_epoch)
     if kind == "final_cls":
         chosen_k = None
     else:
@@ -144,6 +160,7 @@ def run_training(req: TrainRequest, log: Log = print, transform: FeatureTransfor
                            "epochs_run": results[k].epochs_run} for k in candidates}
     final = models[chosen_k]
     best = results[chosen_k]
+    transform = transforms[chosen_k]
     val_top1 = best.best_val_top1
     if req.refit:
         epochs = max(1, best.best_epoch)
@@ -166,6 +183,7 @@ def run_training(req: TrainRequest, log: Log = print, transform: FeatureTransfor
         "images": {name: len(images) for name, images in lists.items()},
         "skipped_images": skipped,
         "refit": req.refit,
+        "codec": (codec or {}).get("name", "fp32"),
     }
     if "test" in splits:
         x_test = _features(splits["test"], kind, chosen_k)
@@ -174,7 +192,7 @@ def run_training(req: TrainRequest, log: Log = print, transform: FeatureTransfor
         backbone=spec,
         method=MethodSpec(name=req.method, k=chosen_k, params=final.hparams()),
         classes=classes,
-        codec=codec or {"name": "fp32"},
+        codec=codec_specs.get(chosen_k) or codec or {"name": "fp32"},
         training={**req.params.__dict__, "refit": req.refit, "train": str(Path(req.train).resolve()),
                   "val": str(Path(req.val).resolve()) if req.val else None,
                   "cache_dir": str(Path(cache_root).resolve())},

@@ -102,9 +102,13 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
 def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hashable, np.ndarray],
                    train_y: np.ndarray, params: TrainParams,
                    val_x: Mapping[Hashable, np.ndarray] | None = None, val_y: np.ndarray | None = None,
-                   transform: FeatureTransform | None = None,
+                   transform: FeatureTransform | Mapping[Hashable, FeatureTransform | None] | None = None,
                    on_epoch: EpochCallback | None = None) -> dict[Hashable, FitResult]:
-    """Train every candidate on the same batch sequence; with val data, keep each one's best-val state."""
+    """Train every candidate on the same batch sequence; with val data, keep each one's best-val state.
+
+    `transform` may be one callable for all candidates or one per candidate key (a codec calibrated per k).
+    """
+    per_key = transform if isinstance(transform, Mapping) else {key: transform for key in models}
     rng = np.random.default_rng(params.seed)
     n = len(train_y)
     steps_per_epoch = max(1, math.ceil(n / params.batch_size))
@@ -131,7 +135,7 @@ def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hasha
                 idx = np.sort(order[s * params.batch_size: (s + 1) * params.batch_size])
                 y = y_all[idx]
                 for key in active:
-                    loss = loss_fn(models[key](_batch(train_x[key], idx, transform)), y)
+                    loss = loss_fn(models[key](_batch(train_x[key], idx, per_key.get(key))), y)
                     opts[key].zero_grad(set_to_none=True)
                     loss.backward()
                     opts[key].step()
@@ -143,7 +147,7 @@ def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hasha
                 res.epochs_run = epoch
                 row = {"epoch": epoch, "loss": losses[key]}
                 if val_x is not None and val_y is not None:
-                    acc = top1(predict_logits(models[key], val_x[key], transform), val_y)
+                    acc = top1(predict_logits(models[key], val_x[key], per_key.get(key)), val_y)
                     row["val_top1"] = acc
                     if res.best_val_top1 is None or acc > res.best_val_top1:
                         res.best_val_top1, res.best_epoch = acc, epoch

@@ -46,6 +46,9 @@ def train(
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root (default OUT/cache)")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (counted)")] = False,
     backbone_batch: Annotated[int, typer.Option(help="Images per backbone batch while caching")] = 32,
+    codec: Annotated[str, typer.Option(help="Feature codec the device will receive (see `mist-kit codec list`); "
+                                            "calibrated on --train, the edge network is trained on its round "
+                                            "trip")] = "fp32",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout")] = False,
 ) -> None:
     """Cache backbone features once, choose k on --val, train the edge network, write a checkpoint."""
@@ -73,14 +76,17 @@ def train(
                            patience=patience, label_smoothing=label_smoothing, seed=seed),
         refit=refit, cache_dir=cache_dir, skip_bad=skip_bad, backbone_batch=backbone_batch, progress=not json_out,
     )
-    report = run_training(req, log=logger(json_out))
+    from mist_kit.runtime.codec import codec_params, parse_codec_name
+
+    codec_params(parse_codec_name(codec)[0])  # an unknown codec fails now, not after caching
+    report = run_training(req, log=logger(json_out), codec={"name": codec})
     if json_out:
         print_json(report)
         return
     table = Table(title="mist-kit train")
     table.add_column("metric")
     table.add_column("value")
-    for key in ("method", "k", "val_top1", "test_top1", "trainable_params", "cache_seconds", "train_seconds",
+    for key in ("method", "k", "codec", "val_top1", "test_top1", "trainable_params", "cache_seconds", "train_seconds",
                 "checkpoint"):
         if key in report:
             value = report[key]

@@ -1,0 +1,109 @@
+"""Emulating a device's resource caps on the current host: a memory cap (RLIMIT_AS) and peak-RSS accounting.
+
+Why RLIMIT_AS: it is the one portable per-process memory cap that needs no privileges. It limits address space,
+not resident memory, so glibc's per-thread malloc arenas (64 MB of reserved address space each) would exhaust it
+without using RAM; the cap therefore also limits the arena count, as a small device's runtime should. On a host
+that is not the device's architecture only the caps are emulated, never the speed: the report says so. Torch-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import platform
+import resource
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from mist_kit.devices.profiles import DeviceProfile
+from mist_kit.errors import ResourceLimitError
+
+_M_ARENA_MAX = -8  # glibc mallopt parameter
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB (Linux reports ru_maxrss in KiB)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kib / (1024 * 1024) if platform.system() == "Darwin" else kib / 1024, 1)
+
+
+def current_rss_mb() -> float:
+    """Resident set size right now (VmRSS), in MB; 0.0 where /proc is missing."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+@dataclass(frozen=True)
+class Emulation:
+    """What was applied for a device on this host, for the report."""
+
+    device: str
+    host_arch: str
+    native: bool
+    memory_cap_mb: int | None
+    threads: int
+
+    def note(self) -> str:
+        cap = f"memory cap {self.memory_cap_mb} MB (RLIMIT_AS)" if self.memory_cap_mb else "no memory cap"
+        if self.native:
+            return f"{self.device}: {cap}, {self.threads} threads on a matching {self.host_arch} host"
+        return (f"{self.device}: {cap}, {self.threads} threads; host is {self.host_arch}, so caps are emulated, "
+                "not speed (timings are this host's)")
+
+
+def _limit_malloc_arenas(count: int = 2) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_ARENA_MAX, count)
+
+
+@contextlib.contextmanager
+def device_caps(profile: DeviceProfile, memory_cap_mb: int | None = None,
+                apply_cap: bool = True) -> Iterator[Emulation]:
+    """Apply the profile's memory cap (its budget, or `memory_cap_mb`) for the duration; restore it after.
+
+    Only the soft limit is lowered, so the cap can be lifted again (tests run commands in-process). An
+    allocation beyond it surfaces as MemoryError (numpy, Python) or an onnxruntime allocation failure; the
+    caller maps both through `memory_exceeded`.
+    """
+    cap = (memory_cap_mb or profile.budget_mb) if apply_cap else None
+    emu = Emulation(device=profile.name, host_arch=host_arch(), native=host_arch() == profile.arch,
+                    memory_cap_mb=cap, threads=profile.threads)
+    if cap is None:
+        yield emu
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = cap * 1024 * 1024
+    if hard != resource.RLIM_INFINITY and limit > hard:
+        limit = hard
+    _limit_malloc_arenas()
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield emu
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def memory_exceeded(emu: Emulation, what: str) -> ResourceLimitError:
+    """The one-line error for an allocation that failed under the cap."""
+    return ResourceLimitError(f"{what}: memory cap of {emu.memory_cap_mb} MB for device {emu.device} exceeded "
+                              "(use a smaller --batch, a device with more memory, or --memory)")
+
+
+def looks_like_oom(exc: BaseException) -> bool:
+    """onnxruntime reports a failed allocation as a generic RuntimeError/Fail; recognise it by its text."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or any(s in text for s in ("bad_alloc", "failed to allocate",
+                                                                   "out of memory", "cannot allocate memory"))

@@ -1,0 +1,118 @@
+"""Write a bundle directory whole: graphs, head, deployment files and `manifest.json` with every file's sha256.
+
+The directory is assembled in a temporary sibling (`atomic_dir`) and validated *as written* (the files, not the
+in-memory models) before it is renamed into place: exporting over an existing bundle replaces it whole, and a
+failed validation or a crash leaves the previous bundle (or nothing) behind, never a half-written one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from mist_kit import __version__
+from mist_kit.atomic import atomic_dir, write_json
+from mist_kit.config import CheckpointConfig
+from mist_kit.edge import EdgeMethod
+from mist_kit.errors import ExportError
+from mist_kit.exporters.deploy import write_deploy
+from mist_kit.exporters.edge_onnx import write_head
+from mist_kit.exporters.onnx_utils import save_model, signature
+from mist_kit.runtime.manifest import (
+    BUNDLE_SCHEMA,
+    CLOUD_FILE,
+    EDGE_FILE,
+    EDGE_FP32_FILE,
+    EDGE_TFLITE_FILE,
+    HEAD_FILE,
+    MANIFEST_FILE,
+    files_table,
+)
+
+
+@dataclass
+class Artifacts:
+    """Everything that goes into a bundle, in memory, before any file is written."""
+
+    cloud: onnx.ModelProto
+    edge_fp32: onnx.ModelProto
+    edge: onnx.ModelProto
+    method: EdgeMethod
+    tflite: bytes | None = None
+    extra_files: dict[str, bytes] = field(default_factory=dict)  # e.g. codec.safetensors from the codec
+
+
+class ValidationFailed(Exception):
+    """Raised inside the atomic write to discard the temporary bundle; carries the problems found."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def model_name_for(config: CheckpointConfig) -> str:
+    """Default served name of the cloud graph: backbone + gather depth (what Triton/KServe call the model)."""
+    base = "".join(c if c.isalnum() or c in "-_" else "-" for c in config.backbone.name)
+    return f"mist-{base}-k{config.method.k}"
+
+
+def base_manifest(config: CheckpointConfig, model_name: str, codec: dict[str, Any], art: Artifacts,
+                  quantization: dict[str, Any] | None, parity: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's fields besides `files` (see docs/CONTRACTS.md), read off the graphs themselves."""
+    b = config.backbone
+    cloud_in, cloud_out = signature(art.cloud)
+    edge_in, edge_out = signature(art.edge)
+    head_w = art.method.head.weight
+    return {
+        "schema": BUNDLE_SCHEMA,
+        "mist_kit_version": __version__,
+        "model_name": model_name,
+        "backbone": {"name": b.name, "weights_sha256": b.weights_sha256},
+        "method": {"name": config.method.name, "params": dict(config.method.params)},
+        "k": config.method.k,
+        "input": {"size": b.img_size, "mean": list(b.mean), "std": list(b.std), "layout": "NCHW",
+                  "resize": b.resize},
+        "features": {"shape": [b.num_tokens, b.embed_dim], "dtype": "float32"},
+        "codec": codec,
+        "cloud": {"file": CLOUD_FILE, "inputs": cloud_in, "outputs": cloud_out},
+        "edge": {"file": EDGE_FILE, "reference": EDGE_FP32_FILE,
+                 "tflite": EDGE_TFLITE_FILE if art.tflite is not None else None,
+                 "inputs": edge_in, "outputs": edge_out, "quantization": quantization},
+        "head": {"file": HEAD_FILE, "embedding_dim": int(head_w.shape[1]), "num_classes": int(head_w.shape[0])},
+        "classes": list(config.classes),
+        "parity": parity,
+    }
+
+
+def write_bundle(out: str | Path, art: Artifacts, manifest: dict[str, Any],
+                 validate: Callable[[Path, dict[str, Any]], list[str]]) -> dict[str, Any]:
+    """Write every file into a temp dir, run `validate(tmp, manifest)` on the written files, then publish.
+
+    Returns the final manifest. Raises ValidationFailed (nothing published) if `validate` reports problems.
+    """
+    cloud_in, cloud_out = signature(art.cloud)
+    edge_in, _ = signature(art.edge)
+    if [(e["name"], e["dtype"]) for e in edge_in] != [(e["name"], e["dtype"]) for e in cloud_out]:
+        raise ExportError(f"edge.onnx inputs {edge_in} are not the cloud outputs {cloud_out} (codec fragments "
+                          "disagree)")
+    with atomic_dir(out) as tmp:
+        save_model(art.cloud, tmp / CLOUD_FILE)
+        save_model(art.edge_fp32, tmp / EDGE_FP32_FILE)
+        save_model(art.edge, tmp / EDGE_FILE)
+        write_head(art.method, tmp / HEAD_FILE)
+        if art.tflite is not None:
+            (tmp / EDGE_TFLITE_FILE).write_bytes(art.tflite)
+        for rel, data in art.extra_files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+        write_deploy(tmp, CLOUD_FILE, manifest["model_name"], cloud_in, cloud_out)
+        final = {**manifest, "files": files_table(tmp)}
+        problems = validate(tmp, final)
+        if problems:
+            raise ValidationFailed(problems)
+        write_json(tmp / MANIFEST_FILE, final)
+    return final

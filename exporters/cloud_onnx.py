@@ -1,0 +1,129 @@
+"""The cloud graph: pixel_values [B,3,H,W] -> blocks 1..k -> gather g_k [B,T,D], exported and checked vs torch.
+
+torch.onnx's dynamo exporter is tried first (it needs onnxscript); the TorchScript exporter is the fallback when
+the dynamo path fails on an unusual timm variant. Either way the saved file is validated like Optimum's exporter
+does it: names, dynamic batch axis, static T/D, and values vs the torch module on real images (max abs and max
+relative error), and every problem is collected into the returned report rather than downgraded to a warning.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from mist_kit.errors import DependencyError, ExportError
+from mist_kit.exporters.onnx_utils import signature
+
+PIXELS = "pixel_values"
+FEATURES = "features"
+OPSET = 18
+# Tolerances declared next to the export spec: fp32 reassociation over k residual blocks stays far below these.
+CLOUD_MAX_ABS = 1e-3
+CLOUD_MAX_REL = 1e-3  # relative to the largest |value| of the reference (gathers hold outliers ~100x the median)
+
+
+@dataclass
+class CloudParity:
+    """How closely cloud.onnx reproduces the torch gather on real images."""
+
+    max_abs_err: float
+    max_rel_err: float
+    n_images: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def export_cloud(gather: nn.Module, img_size: int, opset: int = OPSET) -> tuple[onnx.ModelProto, str]:
+    """Export `gather` (pixel_values -> features) with a dynamic batch axis; returns (model, exporter used)."""
+    gather = gather.eval()
+    example = torch.zeros(2, 3, img_size, img_size)
+    errors = []
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter's dependency; fail over cleanly without it)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                gather, (example,), None, dynamo=True, input_names=[PIXELS], output_names=[FEATURES],
+                dynamic_shapes={PIXELS: {0: torch.export.Dim("batch", min=1, max=65536)}}, opset_version=opset,
+                verbose=False)
+        return program.model_proto, "dynamo"
+    except Exception as exc:  # any exporter failure: try the other exporter, report both if it fails too
+        errors.append(f"dynamo: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+    try:
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(gather, (example,), buf, dynamo=False, input_names=[PIXELS], output_names=[FEATURES],
+                              dynamic_axes={PIXELS: {0: "batch"}, FEATURES: {0: "batch"}}, opset_version=17)
+        return onnx.load_from_string(buf.getvalue()), "torchscript"
+    except Exception as exc:
+        errors.append(f"torchscript: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+    raise ExportError("cloud graph export failed with both exporters (" + "; ".join(errors) + ")")
+
+
+def check_signature(model: onnx.ModelProto, tokens: int, dim: int, img_size: int) -> list[str]:
+    """Structural validation: one input/output with the agreed names, dynamic batch, static everything else."""
+    inputs, outputs = signature(model)
+    problems = []
+    want_in = {"name": PIXELS, "dtype": "float32", "shape": [-1, 3, img_size, img_size]}
+    want_out = {"name": FEATURES, "dtype": "float32", "shape": [-1, tokens, dim]}
+    if inputs != [want_in]:
+        problems.append(f"cloud.onnx inputs {inputs} != expected {[want_in]}")
+    if outputs != [want_out]:
+        problems.append(f"cloud.onnx outputs {outputs} != expected {[want_out]}")
+    return problems
+
+
+def cloud_parity_model(model: onnx.ModelProto, gather: nn.Module, pixels: np.ndarray,
+                       batch_size: int = 8) -> CloudParity:
+    """Max abs / max relative error of the cloud graph vs torch over `pixels` (float32 [N,3,H,W] real images).
+
+    The relative error is max |onnx - torch| divided by max |torch|: element-wise ratios are meaningless for the
+    near-zero entries every gather has.
+    """
+    session = ort_session(model.SerializeToString())
+    max_abs, max_rel, problems = 0.0, 0.0, []
+    with torch.no_grad():
+        for start in range(0, len(pixels), batch_size):
+            x = np.ascontiguousarray(pixels[start: start + batch_size], dtype=np.float32)
+            ref = gather(torch.from_numpy(x)).numpy()
+            got = session.run([FEATURES], {PIXELS: x})[0]
+            if got.shape != ref.shape:
+                problems.append(f"cloud.onnx output shape {list(got.shape)} != torch {list(ref.shape)}")
+                break
+            if not np.isfinite(got).all():
+                problems.append("cloud.onnx produced non-finite values")
+                break
+            err = np.abs(got.astype(np.float64) - ref)
+            max_abs = max(max_abs, float(err.max()))
+            max_rel = max(max_rel, float(err.max() / max(float(np.abs(ref).max()), 1e-12)))
+    if max_rel > CLOUD_MAX_REL and max_abs > CLOUD_MAX_ABS:
+        problems.append(f"cloud.onnx differs from torch: max abs err {max_abs:.3g} > {CLOUD_MAX_ABS:g} and max rel "
+                        f"err {max_rel:.3g} > {CLOUD_MAX_REL:g}")
+    return CloudParity(max_abs, max_rel, len(pixels), problems)
+
+
+def ort_session(path: Path | bytes, threads: int = 1) -> Any:
+    """A CPU onnxruntime session (one intra-op thread unless asked: reproducible and fair to shared hosts)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - core dependency
+        raise DependencyError(f"onnxruntime is not installed ({exc})") from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    src = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])

@@ -1,0 +1,247 @@
+"""`export_bundle`: checkpoint -> validated split bundle (cloud.onnx, edge.onnx int8, head, deploy/, manifest).
+
+Order matters and is deliberate: export both fp32 graphs, check them against torch, quantize the edge *core* on
+real features (calibration before any codec decoder is prepended, so ranges describe what the LAE sees), attach
+the codec's encoder/decoder fragments, write everything to a temporary directory, re-validate the written files end
+to end (cloud.onnx -> edge graph -> head vs the torch checkpoint), and only then publish. Problems are collected
+and returned in the typed report (`ok=False`, nothing written); bad input raises the matching MistError.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mist_kit.calibration.modes import AUTO, Precision, resolve_modes
+from mist_kit.errors import InputError, UsageError
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `mist-kit export` can be asked; contradictory settings are rejected here, before any work."""
+
+    quantize: Precision = Precision.INT8
+    mode: str = AUTO
+    op_types: tuple[str, ...] | None = None
+    min_agreement: float = 0.99
+    calib: str | None = None  # images (ImageFolder / list file) instead of the checkpoint's feature cache
+    n_calib: int = 256
+    n_eval: int = 1000
+    n_parity: int = 8
+    tflite: bool = False
+    codec: str | None = None  # default: the codec the checkpoint was trained for
+    model_name: str | None = None
+    weights: str | None = None  # backbone weights file, if moved since training
+    cache_dir: Path | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_agreement <= 1.0:
+            raise UsageError(f"--min-agreement {self.min_agreement} must be in (0, 1]")
+        if self.n_calib < 1 or self.n_eval < 1 or self.n_parity < 1:
+            raise UsageError("calibration / evaluation / parity sample counts must be >= 1")
+        if self.tflite and self.quantize is Precision.NONE:
+            raise UsageError("cannot set both --tflite and --quantize none: edge.tflite is the int8 LiteRT graph")
+        if self.quantize is Precision.NONE and (self.mode != AUTO or self.op_types):
+            raise UsageError("cannot set both --quantize none and --mode/--op-types")
+        if self.quantize is Precision.INT8:
+            resolve_modes(self.mode, self.op_types)  # unknown mode names fail now, not after the export
+
+
+@dataclass
+class ExportReport:
+    """What the export did and measured; `ok` is False when validation failed (then nothing was written)."""
+
+    ok: bool
+    bundle: str
+    problems: list[str]
+    manifest: dict[str, Any]
+    cloud: dict[str, Any]
+    quantization: dict[str, Any] | None
+    chain: dict[str, Any]
+    data: list[str]
+    seconds: float
+    tflite: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _codec_spec(config_codec: dict[str, Any], requested: str | None) -> dict[str, Any]:
+    spec = dict(config_codec or {"name": "fp32"})
+    if requested is None or requested == spec.get("name"):
+        return spec
+    if spec.get("name", "fp32") != "fp32":
+        raise UsageError(f"--codec {requested}: the checkpoint's edge network was trained for codec "
+                         f"{spec.get('name')!r}; retrain it for {requested!r} (mist-kit train --codec) first")
+    return {"name": requested}
+
+
+def _codec_graphs() -> Any:
+    try:
+        from mist_kit.exporters import codec_graphs
+    except ImportError as exc:
+        raise UsageError(f"codec graph fragments are unavailable ({exc}); export with codec fp32") from None
+    return codec_graphs
+
+
+def _real_data(config: Any, gather: Any, opts: ExportOptions, transform: Any, rng: np.random.Generator,
+               log: Log) -> Any:
+    from mist_kit.calibration.features import from_cache, from_images
+    from mist_kit.data import load_image_list
+
+    k = config.method.k
+    if opts.calib is None:
+        data = from_cache(config, k, opts.n_calib, opts.n_eval, rng, transform, opts.cache_dir)
+        if data is not None:
+            return data
+        src = config.training.get("train")
+        if not src or not Path(src).exists():
+            raise InputError(f"no feature cache for this checkpoint (k={k}) and its training data {src} is not "
+                             "readable here; pass --calib DATA (ImageFolder or list file)")
+        log(f"no matching feature cache; computing calibration gathers from the training images {src}")
+        return from_images(load_image_list(src), gather, config, opts.n_calib, opts.n_eval, rng, transform, log)
+    return from_images(load_image_list(opts.calib), gather, config, opts.n_calib, opts.n_eval, rng, transform, log)
+
+
+def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None,
+                  log: Log = print, **overrides: Any) -> ExportReport:
+    """Export `checkpoint` to the bundle directory `out` (replaced whole on success, untouched on failure).
+
+    `overrides` are ExportOptions fields (`export_bundle(ckpt, out, quantize=Precision.NONE)`).
+    """
+    import torch
+
+    from mist_kit.backbone import GatherModel, load_backbone_for
+    from mist_kit.calibration.features import parity_pixels
+    from mist_kit.checkpoint import load_checkpoint
+    from mist_kit.exporters import cloud_onnx, edge_onnx
+    from mist_kit.exporters.bundle import Artifacts, ValidationFailed, base_manifest, model_name_for, write_bundle
+    from mist_kit.exporters.quantize import Head, quantize_edge
+    from mist_kit.exporters.verify import chain_check
+    from mist_kit.pipeline import codec_transform
+
+    t0 = time.perf_counter()
+    opts = options or ExportOptions()
+    if overrides:
+        opts = ExportOptions(**{**asdict(opts), **overrides})
+    config, method = load_checkpoint(checkpoint)
+    if method.input_kind != "gather":
+        raise UsageError(f"method {config.method.name!r} consumes the backbone's final cls token, not a gather; "
+                         "split export supports gather methods (e.g. mist)")
+    codec = _codec_spec(config.codec, opts.codec)
+    if codec.get("name", "fp32") != "fp32" and "tokens" not in codec:  # a bare name: calibrate it on the cache
+        from mist_kit.calibration.codec_calib import fit_for_export
+
+        codec = fit_for_export(config, codec["name"], opts.cache_dir, log)
+    transform = codec_transform(codec) if codec.get("name", "fp32") != "fp32" else None
+    rng = np.random.default_rng(opts.seed)
+    torch.manual_seed(opts.seed)
+    b, k = config.backbone, config.method.k
+    backbone = load_backbone_for(b, opts.weights)
+    gather = GatherModel(backbone, k).eval()
+    problems: list[str] = []
+    notes: list[str] = []
+
+    log(f"exporting cloud graph ({b.name}, blocks 1..{k})")
+    cloud, exporter = cloud_onnx.export_cloud(gather, b.img_size)
+    problems += cloud_onnx.check_signature(cloud, b.num_tokens, b.embed_dim, b.img_size)
+    pixels = parity_pixels(config, opts.calib, opts.n_parity, rng)
+    parity = cloud_onnx.cloud_parity_model(cloud, gather, pixels)
+    problems += parity.problems
+
+    tokens = int(codec.get("num_tokens") or b.num_tokens)
+    log("exporting edge graph (fp32 reference)")
+    edge_fp32 = edge_onnx.export_edge(method, tokens, b.embed_dim)
+    problems += edge_onnx.check_signature(edge_fp32, tokens, b.embed_dim, method.embedding_dim)
+
+    data = _real_data(config, gather, opts, transform, rng, log)
+    for note in data.notes:
+        log(note)
+    head = Head(method.head.weight.detach().numpy().astype(np.float32),
+                method.head.bias.detach().numpy().astype(np.float32))
+    sample = next(iter(data.held_out))["features"]
+    edge_err = edge_onnx.edge_parity(cloud_onnx.ort_session(edge_fp32.SerializeToString()), method, sample)
+    if edge_err > edge_onnx.EDGE_MAX_ABS:
+        problems.append(f"edge.fp32.onnx differs from torch embed: max abs err {edge_err:.3g} > "
+                        f"{edge_onnx.EDGE_MAX_ABS:g}")
+    quant = None
+    edge = edge_fp32
+    labels = data.held_out_labels
+    if opts.quantize is Precision.INT8:
+        specs = resolve_modes(opts.mode, opts.op_types)
+        result = quantize_edge(edge_fp32, specs, data.calib, data.held_out, head, labels, opts.min_agreement, log)
+        quant = result.to_dict()
+        edge = result.chosen.model
+        m = result.chosen
+        if not result.passed:
+            problems.append(f"int8 edge graph top-1 agreement {m.agreement:.4f} < --min-agreement "
+                            f"{opts.min_agreement} after excluding {len(m.spec.exclude)} nodes (see node table)")
+        if not m.runtime_int8_ops:
+            problems.append(f"edge.onnx ({m.spec.name}) runs no int8 operators in onnxruntime")
+        agreement, top1_fp32, top1_int8, n_eval = m.agreement, m.top1_fp32, m.top1_int8, m.n_eval
+    else:
+        from mist_kit.exporters.quantize import embeddings
+
+        emb = embeddings(cloud_onnx.ort_session(edge_fp32.SerializeToString()), data.held_out)
+        pred = head.logits(emb).argmax(1)
+        known = labels is not None and (labels >= 0).any()
+        top1_fp32 = float((pred[labels >= 0] == labels[labels >= 0]).mean()) if known else None  # type: ignore
+        agreement, top1_int8, n_eval = 1.0, top1_fp32, len(emb)
+
+    tflite_bytes, tflite_report = None, None
+    if opts.tflite:
+        from mist_kit.exporters.tflite import export_tflite
+
+        tflite_bytes, tflite_report = export_tflite(method, data.calib, data.held_out, head, tokens, b.embed_dim,
+                                                    log)
+        problems += tflite_report.get("problems", [])
+
+    if codec.get("name", "fp32") != "fp32":  # the seam: codec fragments wrap the validated fp32/int8 cores
+        cg = _codec_graphs()
+        cloud = cg.attach_encoder(cloud, codec)
+        edge_fp32 = cg.attach_decoder(edge_fp32, codec)
+        edge = cg.attach_decoder(edge, codec)
+    extra = _codec_graphs().codec_files(codec) if codec.get("name", "fp32") != "fp32" and \
+        hasattr(_codec_graphs(), "codec_files") else {}
+
+    parity_d = {"cloud_max_abs_err": parity.max_abs_err, "cloud_max_rel_err": parity.max_rel_err,
+                "edge_top1_agreement": agreement, "edge_top1_fp32": top1_fp32, "edge_top1_int8": top1_int8,
+                "n_eval": n_eval, "n_cloud_images": parity.n_images}
+    name = opts.model_name or model_name_for(config)
+    art = Artifacts(cloud, edge_fp32, edge, method, tflite_bytes, extra)
+    manifest = base_manifest(config, name, codec, art, quant and _manifest_quant(quant), parity_d)
+    chain: dict[str, Any] = {}
+
+    def validate(tmp: Path, final: dict[str, Any]) -> list[str]:
+        chain.update(chain_check(tmp, final, gather, method, transform, pixels))
+        return problems + chain["problems"]
+
+    out = Path(out)
+    try:
+        manifest = write_bundle(out, art, manifest, validate) if not problems else manifest
+        ok = not problems
+    except ValidationFailed as exc:
+        ok, problems = False, exc.problems
+    if not ok:
+        notes.append(f"validation failed: nothing was written to {out}")
+    cloud_info = {"exporter": exporter, "max_abs_err": parity.max_abs_err, "max_rel_err": parity.max_rel_err,
+                  "n_images": parity.n_images}
+    return ExportReport(ok, str(out), problems, manifest, cloud_info, quant, chain, data.notes,
+                        round(time.perf_counter() - t0, 2), tflite_report, notes)
+
+
+def _manifest_quant(q: dict[str, Any]) -> dict[str, Any]:
+    """The manifest keeps the chosen recipe and its proof of int8-ness; the full candidate list stays in the report."""
+    c = q["chosen"]
+    return {**c["mode"], "int8_ops": c["int8_ops"], "runtime_int8_ops": c["runtime_int8_ops"],
+            "agreement": c["agreement"], "embedding_sqnr_db": c["embedding_sqnr_db"],
+            "min_agreement": q["min_agreement"]}

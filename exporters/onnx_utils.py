@@ -1,0 +1,80 @@
+"""Small ONNX helpers shared by the exporters: signatures, node naming, int8 op counting, serialization.
+
+Signatures are the `{"name", "dtype", "shape"}` dicts the bundle manifest and the deployment files use, read back
+from the saved graph itself so what the manifest says is what the file holds.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from mist_kit.atomic import atomic_path
+
+INT8_OPS = frozenset({"QLinearMatMul", "QLinearConv", "QLinearAdd", "QLinearMul", "MatMulInteger",
+                      "ConvInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",
+                      "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm", "QLinearSoftmax", "QAttention"})
+# Ops that do the arithmetic in integers (QDQ graphs are fused into these by ORT at load time).
+INT8_COMPUTE_OPS = frozenset({"QLinearMatMul", "QLinearConv", "MatMulInteger", "MatMulIntegerToFloat",
+                              "DynamicQuantizeMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QAttention",
+                              "ConvInteger", "QLinearSoftmax"})
+
+
+def dtype_name(elem_type: int) -> str:
+    """ONNX TensorProto element type -> numpy-style name ("float32", "int8", ...)."""
+    return onnx.helper.tensor_dtype_to_np_dtype(elem_type).name
+
+
+def value_info_dict(vi: onnx.ValueInfoProto) -> dict[str, Any]:
+    """A graph input/output as {"name", "dtype", "shape"} with -1 for symbolic (dynamic) dims."""
+    tt = vi.type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+    return {"name": vi.name, "dtype": dtype_name(tt.elem_type), "shape": shape}
+
+
+def signature(model: onnx.ModelProto) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(inputs, outputs) of a model, initializers excluded."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [value_info_dict(v) for v in model.graph.input if v.name not in inits]
+    return inputs, [value_info_dict(v) for v in model.graph.output]
+
+
+def name_nodes(model: onnx.ModelProto, prefix: str = "n") -> onnx.ModelProto:
+    """Give every node a unique name (quantization exclusion lists and error tables address nodes by name)."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{prefix}{i}_{node.op_type}"
+        seen.add(node.name)
+    return model
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes of each op type the graph has (top-level graph)."""
+    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+
+
+def int8_op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Counts of the quantization-related ops: the structural proof that a graph is int8."""
+    return {k: v for k, v in op_counts(model).items() if k in INT8_OPS}
+
+
+def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Check and write a single-file ONNX model atomically (weights inline: our graphs are far below 2 GB)."""
+    onnx.checker.check_model(model)
+    with atomic_path(path) as tmp:
+        onnx.save_model(model, str(tmp), save_as_external_data=False)
+    return Path(path)
+
+
+def set_batch_dim(model: onnx.ModelProto, name: str = "batch") -> onnx.ModelProto:
+    """Make dim 0 of every graph input/output symbolic (`batch`), keeping the other dims static."""
+    for vi in list(model.graph.input) + list(model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims:
+            dims[0].Clear()
+            dims[0].dim_param = name
+    return model

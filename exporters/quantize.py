@@ -1,0 +1,224 @@
+"""int8 edge graph with onnxruntime.quantization, judged on real held-out features, with accuracy-driven fallback.
+
+An int8 graph that silently lost accuracy is worse than none. Each recipe (`calibration.modes.QuantSpec`) is
+applied to the fp32 edge core and measured against it on held-out real gathers: top-1 agreement of the head's
+argmax, embedding SQNR, and latency. Below `min_agreement` the per-node error table (SQNR of every node output vs
+fp32, as onnxruntime's qdq_loss_debug computes it) names the nodes whose quantization loses the most signal; they
+are excluded one at a time until the graph passes, or the export fails with the table. A structural check counts
+the int8 operators in the saved graph and in the graph onnxruntime actually executes.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from mist_kit.calibration.node_errors import NodeError, node_error_table
+from mist_kit.calibration.modes import CalibMethod, QuantFormat, QuantMode, QuantSpec
+from mist_kit.calibration.reader import FeatureReader
+from mist_kit.errors import ExportError
+from mist_kit.exporters.cloud_onnx import ort_session
+from mist_kit.exporters.onnx_utils import INT8_COMPUTE_OPS, int8_op_counts, op_counts
+
+Log = Callable[[str], None]
+Batches = Iterable[dict[str, np.ndarray]]
+
+
+@dataclass
+class Head:
+    """The numpy classifier applied after the edge graph (weight [C,E], bias [C])."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+    def logits(self, emb: np.ndarray) -> np.ndarray:
+        return emb @ self.weight.T + self.bias  # (B, C)
+
+
+@dataclass
+class Measurement:
+    """One int8 recipe measured against the fp32 edge graph on held-out real features."""
+
+    spec: QuantSpec
+    agreement: float
+    top1_fp32: float | None
+    top1_int8: float | None
+    embedding_sqnr_db: float
+    latency_ms: float
+    int8_ops: dict[str, int]
+    runtime_int8_ops: dict[str, int]
+    n_eval: int
+    model: onnx.ModelProto | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.spec.to_dict(), "agreement": self.agreement, "top1_fp32": self.top1_fp32,
+                "top1_int8": self.top1_int8, "embedding_sqnr_db": self.embedding_sqnr_db,
+                "latency_ms_per_image": self.latency_ms, "int8_ops": self.int8_ops,
+                "runtime_int8_ops": self.runtime_int8_ops, "n_eval": self.n_eval}
+
+
+@dataclass
+class QuantResult:
+    """The chosen int8 graph, everything measured on the way, and the node table if the fallback ran."""
+
+    chosen: Measurement
+    candidates: list[Measurement]
+    node_table: list[NodeError]
+    passed: bool
+    min_agreement: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chosen": self.chosen.to_dict(), "candidates": [c.to_dict() for c in self.candidates],
+                "node_errors": [n.to_dict() for n in self.node_table[:20]], "passed": self.passed,
+                "min_agreement": self.min_agreement}
+
+
+def quantize(fp32: onnx.ModelProto, spec: QuantSpec, calib: Batches | None) -> onnx.ModelProto:
+    """Apply one recipe with onnxruntime.quantization and return the int8 model."""
+    from onnxruntime.quantization import CalibrationMethod, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import QuantFormat as OrtFormat
+
+    with tempfile.TemporaryDirectory(prefix="mist-quant-") as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save_model(fp32, str(src))
+        common = {"op_types_to_quantize": list(spec.op_types), "per_channel": spec.per_channel,
+                  "reduce_range": spec.reduce_range, "weight_type": QuantType.QInt8,
+                  "nodes_to_exclude": list(spec.exclude)}
+        if spec.mode is QuantMode.DYNAMIC:
+            quantize_dynamic(src, dst, **common, extra_options={"MatMulConstBOnly": False})
+        else:
+            if calib is None:
+                raise ExportError(f"quantization {spec.name!r}: static mode needs calibration data")
+            method = {CalibMethod.MINMAX: CalibrationMethod.MinMax, CalibMethod.ENTROPY: CalibrationMethod.Entropy,
+                      CalibMethod.PERCENTILE: CalibrationMethod.Percentile}[spec.calib]  # type: ignore[index]
+            fmt = OrtFormat.QDQ if spec.fmt is QuantFormat.QDQ else OrtFormat.QOperator
+            # uint8 activations x int8 weights (U8S8) is the fast x86/ARM path for both layouts
+            extra = {"CalibPercentile": spec.percentile, "CalibMovingAverage": spec.calib is CalibMethod.MINMAX}
+            quantize_static(src, dst, FeatureReader(calib), quant_format=fmt, activation_type=QuantType.QUInt8,
+                            calibrate_method=method, extra_options=extra, **common)
+        return onnx.load_model(str(dst))
+
+
+def runtime_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """Op counts of the graph onnxruntime executes after its fusions (QDQ pairs become QLinear*/MatMulInteger)."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="mist-opt-") as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        opts.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+        counts = op_counts(onnx.load_model(opts.optimized_model_filepath))
+    return {k: v for k, v in counts.items() if k in INT8_COMPUTE_OPS}
+
+
+def embeddings(session: Any, batches: Batches, limit: int | None = None) -> np.ndarray:
+    """Run an edge session over batches (first input gets the batch) and stack the embeddings."""
+    name = session.get_inputs()[0].name
+    out, seen = [], 0
+    for batch in batches:
+        out.append(session.run(None, {name: next(iter(batch.values()))})[0])
+        seen += len(out[-1])
+        if limit is not None and seen >= limit:
+            break
+    return np.concatenate(out)
+
+
+def latency_ms(session: Any, sample: np.ndarray, repeats: int = 20) -> float:
+    """Median per-image latency at batch 1 (one intra-op thread, as a small device runs it)."""
+    name = session.get_inputs()[0].name
+    x = sample[:1]
+    session.run(None, {name: x})
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        session.run(None, {name: x})
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1000.0)
+
+
+def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    """10 log10(signal power / error power); capped at 100 dB for exact matches."""
+    noise = float(np.sum((ref.astype(np.float64) - got) ** 2))
+    signal = float(np.sum(ref.astype(np.float64) ** 2))
+    return 100.0 if noise <= signal * 1e-10 else float(10.0 * np.log10(signal / max(noise, 1e-30)))
+
+
+def measure(model: onnx.ModelProto, spec: QuantSpec, ref_emb: np.ndarray, held_out: Batches, head: Head,
+            labels: np.ndarray | None, sample: np.ndarray) -> Measurement:
+    """Agreement / top-1 / SQNR / latency of `model` vs the fp32 embeddings `ref_emb` of the same batches."""
+    session = ort_session(model.SerializeToString())
+    emb = embeddings(session, held_out)
+    ref_pred = head.logits(ref_emb).argmax(1)
+    pred = head.logits(emb).argmax(1)
+    known = labels is not None and (labels >= 0).any()
+    top1_fp32 = float((ref_pred[labels >= 0] == labels[labels >= 0]).mean()) if known else None  # type: ignore
+    top1_int8 = float((pred[labels >= 0] == labels[labels >= 0]).mean()) if known else None  # type: ignore
+    return Measurement(spec, float((pred == ref_pred).mean()), top1_fp32, top1_int8, sqnr_db(ref_emb, emb),
+                       latency_ms(session, sample), int8_op_counts(model), runtime_ops(model), len(emb), model)
+
+
+def _rank(m: Measurement) -> tuple[float, float]:
+    return (-round(m.agreement, 3), m.latency_ms)  # best agreement first; near-ties go to the faster graph
+
+
+def quantize_edge(fp32: onnx.ModelProto, specs: list[QuantSpec], calib: Batches, held_out: Batches, head: Head,
+                  labels: np.ndarray | None, min_agreement: float, log: Log = print,
+                  max_exclusions: int | None = None) -> QuantResult:
+    """Measure every recipe in `specs`, keep the best; below `min_agreement` exclude worst nodes until it passes.
+
+    Never returns a failing graph as a success: `passed` is False when the fallback ran out of nodes to exclude,
+    and the caller turns that into an ExportError carrying the node table.
+    """
+    ref_session = ort_session(fp32.SerializeToString())
+    ref_emb = embeddings(ref_session, held_out)
+    sample = next(iter(next(iter(held_out)).values()))
+    candidates = []
+    for spec in specs:
+        m = measure(quantize(fp32, spec, calib), spec, ref_emb, held_out, head, labels, sample)
+        log(f"int8 {spec.name}: agreement {m.agreement:.4f}, embedding SQNR {m.embedding_sqnr_db:.1f} dB, "
+            f"{m.latency_ms:.3f} ms/image")
+        candidates.append(m)
+    best = min(candidates, key=_rank)
+    table: list[NodeError] = []
+    quantizable = [n.name for n in fp32.graph.node if n.op_type in best.spec.op_types]
+    limit = max_exclusions if max_exclusions is not None else max(1, len(quantizable) // 2)
+    current = best
+    while current.agreement < min_agreement and len(current.spec.exclude) < limit:
+        probe = list(current_batches(held_out, 256))
+        table = node_error_table(fp32, current.model, probe, current.spec)  # type: ignore[arg-type]
+        todo = [n for n in table if n.name not in current.spec.exclude and n.op_type in current.spec.op_types]
+        if not todo:
+            break
+        worst = todo[0]
+        spec = current.spec.excluding((worst.name,))
+        m = measure(quantize(fp32, spec, calib), spec, ref_emb, held_out, head, labels, sample)
+        log(f"agreement {current.agreement:.4f} < {min_agreement}: keeping {worst.name} ({worst.op_type}, "
+            f"SQNR loss {worst.drop_db:.1f} dB) in fp32 -> agreement {m.agreement:.4f}")
+        candidates.append(m)
+        current = m
+    if current.agreement >= min_agreement and current is not best:
+        table = node_error_table(fp32, current.model, list(current_batches(held_out, 256)), current.spec) \
+            if not table else table  # type: ignore[arg-type]
+    passed = current.agreement >= min_agreement
+    if not passed and not table:
+        table = node_error_table(fp32, current.model, list(current_batches(held_out, 256)), current.spec)  # type: ignore
+    return QuantResult(current, candidates, table, passed, min_agreement)
+
+
+def current_batches(batches: Batches, limit: int) -> Iterable[dict[str, np.ndarray]]:
+    """The first `limit` rows of a batch stream (the node table needs a sample, not the whole held-out set)."""
+    seen = 0
+    for batch in batches:
+        yield batch
+        seen += len(next(iter(batch.values())))
+        if seen >= limit:
+            return

@@ -1,0 +1,55 @@
+"""End-to-end check of a bundle as written: cloud.onnx -> edge graph -> head, files only, vs the torch model.
+
+This is what a third party does with the bundle (manifest in hand, no mist-kit internals), run on the files in
+the temporary directory before it is published. The fp32 chain must reproduce the torch checkpoint's top-1 on
+every image; the int8 chain's agreement is reported (its gate is the held-out agreement measured at quantization).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mist_kit.exporters.cloud_onnx import ort_session
+
+
+def run_chain(bundle: Path, manifest: dict[str, Any], pixels: np.ndarray, edge_key: str = "file") -> np.ndarray:
+    """Logits from the bundle's own files: cloud outputs fed to the edge graph in order, then the numpy head."""
+    from safetensors.numpy import load_file
+
+    cloud = ort_session(bundle / manifest["cloud"]["file"])
+    edge = ort_session(bundle / manifest["edge"][edge_key])
+    head = load_file(str(bundle / manifest["head"]["file"]))
+    encoded = cloud.run([o["name"] for o in manifest["cloud"]["outputs"]], {"pixel_values": pixels})
+    feeds = {e["name"]: x for e, x in zip(manifest["edge"]["inputs"], encoded, strict=True)}
+    emb = edge.run(["embedding"], feeds)[0]  # (B, E)
+    return emb @ head["weight"].T + head["bias"]  # (B, C)
+
+
+def torch_logits(gather: nn.Module, method: nn.Module, pixels: np.ndarray,
+                 transform: Callable[[np.ndarray], np.ndarray] | None) -> np.ndarray:
+    """The reference: torch gather -> (codec round trip) -> edge method incl. its head."""
+    with torch.no_grad():
+        feats = gather(torch.from_numpy(pixels)).numpy()
+        if transform is not None:
+            feats = np.asarray(transform(feats), dtype=np.float32)
+        return method(torch.from_numpy(feats)).numpy()
+
+
+def chain_check(bundle: Path, manifest: dict[str, Any], gather: nn.Module, method: nn.Module,
+                transform: Callable[[np.ndarray], np.ndarray] | None, pixels: np.ndarray) -> dict[str, Any]:
+    """Compare both chains with torch on `pixels`; problems only for the fp32 chain (it must match exactly)."""
+    ref = torch_logits(gather, method, pixels, transform).argmax(1)
+    fp32 = run_chain(bundle, manifest, pixels, "reference").argmax(1)
+    int8 = run_chain(bundle, manifest, pixels, "file").argmax(1)
+    problems = []
+    if not np.array_equal(fp32, ref):
+        problems.append(f"bundle chain cloud.onnx -> edge.fp32.onnx -> head disagrees with the torch checkpoint's "
+                        f"top-1 on {int((fp32 != ref).sum())} of {len(ref)} real images")
+    return {"n_images": len(ref), "fp32_top1_match": float((fp32 == ref).mean()),
+            "int8_top1_match": float((int8 == ref).mean()), "problems": problems}

@@ -1,0 +1,155 @@
+"""Running the edge graph: onnxruntime (threads, arena, optimisation level from a device profile) or LiteRT.
+
+Why one class for both backends: callers (run-edge, finetune-edge, the demo) want "encoded features in,
+embedding out" and should not care which engine a profile prefers. LiteRT is used only when the profile prefers
+it, the bundle ships `edge.tflite` and `ai_edge_litert` is importable; otherwise onnxruntime runs `edge.onnx` and
+`backend_note` says why. Batch (`embed`) and streaming (`stream`) APIs. Torch-free.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mist_kit.errors import DependencyError, InputError, MistError
+from mist_kit.runtime.bundle import EdgeBundle, open_edge_bundle
+
+EMBEDDING = "embedding"
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """How to run the edge graph; `from_profile` derives it from a device profile."""
+
+    threads: int = 1
+    graph_optimization: str = "all"  # disable | basic | extended | all
+    cpu_mem_arena: bool = False
+    backend: str = "onnxruntime"  # onnxruntime | litert
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise InputError(f"threads: expected >= 1, got {self.threads}")
+        if self.backend not in ("onnxruntime", "litert"):
+            raise InputError(f"backend: expected 'onnxruntime' or 'litert', got {self.backend!r}")
+
+    @classmethod
+    def from_profile(cls, profile: Any, threads: int | None = None) -> SessionSettings:
+        return cls(threads=threads or profile.threads, graph_optimization=profile.ort.graph_optimization,
+                   cpu_mem_arena=profile.ort.cpu_mem_arena, backend=profile.backend)
+
+
+def litert_available() -> bool:
+    return importlib.util.find_spec("ai_edge_litert") is not None
+
+
+class EdgeSession:
+    """Encoded features (the cloud outputs) -> embedding (B, E), and -> logits with the bundle's or a given head."""
+
+    def __init__(self, bundle: EdgeBundle, settings: SessionSettings | None = None) -> None:
+        self.settings = settings or SessionSettings()
+        self.backend_note = ""
+        use_litert = self.settings.backend == "litert"
+        if use_litert and not bundle.manifest["edge"].get("tflite"):
+            use_litert, self.backend_note = False, "profile prefers LiteRT but the bundle has no edge.tflite"
+        elif use_litert and not litert_available():
+            use_litert, self.backend_note = False, "profile prefers LiteRT but ai-edge-litert is not installed"
+        if use_litert and bundle.edge_path.suffix != ".tflite":
+            bundle = open_edge_bundle(bundle.root, variant="tflite")
+        self.bundle = bundle
+        self.names = [i["name"] for i in bundle.inputs]
+        self.dtypes = {i["name"]: np.dtype(i["dtype"]) for i in bundle.inputs}
+        self.backend = "litert" if use_litert else "onnxruntime"
+        self._run = self._litert_runner() if use_litert else self._ort_runner()
+
+    def _ort_runner(self) -> Any:
+        import onnxruntime as ort
+
+        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.settings.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.enable_cpu_mem_arena = self.settings.cpu_mem_arena
+        opts.enable_mem_pattern = self.settings.cpu_mem_arena
+        opts.graph_optimization_level = levels[self.settings.graph_optimization]
+        opts.log_severity_level = 3
+        if self.settings.threads == 1:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            sess = ort.InferenceSession(str(self.bundle.edge_path), sess_options=opts,
+                                        providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            if isinstance(exc, MemoryError):
+                raise
+            raise MistError(f"{self.bundle.edge_path}: onnxruntime cannot load the edge graph "
+                            f"({str(exc).splitlines()[0][:200]})") from None
+        got = [i.name for i in sess.get_inputs()]
+        if got != self.names:
+            raise InputError(f"{self.bundle.edge_path}: graph inputs {got}, manifest edge.inputs {self.names}")
+        out_names = [o.name for o in sess.get_outputs()]
+        out = EMBEDDING if EMBEDDING in out_names else out_names[0]
+
+        def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+            return sess.run([out], feeds)[0]
+
+        return run
+
+    def _litert_runner(self) -> Any:
+        from ai_edge_litert.interpreter import Interpreter
+
+        interp = Interpreter(model_path=str(self.bundle.edge_path), num_threads=self.settings.threads)
+        details = interp.get_input_details()
+        if len(details) != len(self.names):
+            raise InputError(f"{self.bundle.edge_path}: {len(details)} inputs, manifest edge.inputs {self.names}")
+        out_index = interp.get_output_details()[0]["index"]
+        state = {"batch": None}
+
+        def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+            batch = next(iter(feeds.values())).shape[0]
+            if state["batch"] != batch:
+                for det, name in zip(details, self.names, strict=True):
+                    interp.resize_tensor_input(det["index"], list(feeds[name].shape))
+                interp.allocate_tensors()
+                state["batch"] = batch
+            for det, name in zip(details, self.names, strict=True):  # tflite names differ; order is the contract
+                interp.set_tensor(det["index"], feeds[name])
+            interp.invoke()
+            return np.array(interp.get_tensor(out_index))
+
+        return run
+
+    def embed(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+        """One batch of encoded features (names as manifest edge.inputs) -> embedding (B, E) float32."""
+        missing = [n for n in self.names if n not in tensors]
+        if missing:
+            raise InputError(f"edge inputs {missing} missing (got {sorted(tensors)})")
+        feeds = {n: np.ascontiguousarray(tensors[n], dtype=self.dtypes[n]) for n in self.names}
+        return np.asarray(self._run(feeds), dtype=np.float32)
+
+    def logits(self, tensors: Mapping[str, np.ndarray], head: Any = None) -> np.ndarray:
+        """Embedding then the head in numpy: (B, C)."""
+        return (head or self.bundle.head).logits(self.embed(tensors))
+
+    def stream(self, batches: Iterable[Mapping[str, np.ndarray]]) -> Iterator[np.ndarray]:
+        """Embeddings for a stream of batches (a features file, a network client), one batch in memory at a time."""
+        for batch in batches:
+            yield self.embed(batch)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "graph": self.bundle.edge_path.name, "threads": self.settings.threads,
+                "graph_optimization": self.settings.graph_optimization,
+                "cpu_mem_arena": self.settings.cpu_mem_arena, **({"backend_note": self.backend_note}
+                                                                 if self.backend_note else {})}
+
+
+def require_litert() -> None:
+    """For callers that insist on LiteRT (no fallback)."""
+    if not litert_available():
+        raise DependencyError("ai-edge-litert is not installed (pip install ai-edge-litert)")

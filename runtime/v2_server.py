@@ -1,0 +1,262 @@
+"""`mist-kit serve-cloud`: the cloud half over the KServe v2 REST protocol (binary tensor extension), on FastAPI.
+
+A thin layer, not the KServe SDK: its ModelServer re-decodes binary BYTES inputs as UTF-8 (a JPEG fails, kserve
+#3731) and turns binary tensors into Python lists. Here bodies go straight into numpy buffers (v2_protocol), images
+are decoded in a worker pool, and concurrent requests share onnxruntime calls (v2_batcher). Every failure is a
+JSON `{"error": ...}` with a 4xx/5xx status; nothing a client sends can stop the server. fastapi/uvicorn are the
+`serve` extra and are imported only by this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import socket
+import threading
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+from mist_kit import __version__
+from mist_kit.errors import DataError, DependencyError, MistError, UsageError
+from mist_kit.runtime.v2_batcher import DynamicBatcher, QueueFullError
+from mist_kit.runtime.v2_model import MODEL_VERSION, CloudModel, ServeConfig
+from mist_kit.runtime.v2_protocol import HEADER_LENGTH, ProtocolError, decode_request, encode_response
+
+try:
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+except ImportError as _exc:  # pragma: no cover - depends on the install
+    raise DependencyError(f"serve-cloud needs the 'serve' extra (pip install 'mist-kit[serve]'): {_exc}") from None
+
+log = logging.getLogger("mist_kit.serve")
+SERVER_NAME = "mist-kit"
+EXTENSIONS = ["binary_tensor_data"]
+
+
+class HTTPError(Exception):
+    """An answer other than 200, raised anywhere in a handler and rendered as v2's {"error": msg}."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def read_token(path: str | Path) -> str:
+    """The bearer token from a file (first line, stripped); an empty or unreadable file is a usage error."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--token-file {path}: cannot read ({exc})") from None
+    if not token or any(c.isspace() for c in token):
+        raise UsageError(f"--token-file {path}: expected one token without spaces on the first line")
+    return token
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """Read at most `limit` bytes (413 beyond), inflating gzip/deflate bodies with the same bound."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise HTTPError(413, f"request body of {declared} bytes is over this server's {limit} byte limit "
+                             "(serve-cloud --max-body-mb)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, f"request body is over this server's {limit} byte limit (serve-cloud --max-body-mb)")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding in ("gzip", "deflate"):
+        inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+        try:
+            body = inflater.decompress(body, limit + 1)
+        except zlib.error as exc:
+            raise HTTPError(400, f"request body is not valid {encoding} ({exc})") from None
+        if len(body) > limit or inflater.unconsumed_tail:
+            raise HTTPError(413, f"{encoding} request body inflates past this server's {limit} byte limit")
+    elif encoding != "identity":
+        raise HTTPError(415, f"Content-Encoding {encoding!r} is not supported (identity, gzip, deflate)")
+    return body
+
+
+def create_app(model: CloudModel, token: str | None = None) -> FastAPI:
+    """The ASGI app for one model; `token` (if set) is required as `Authorization: Bearer <token>`."""
+    cfg = model.config
+    decode_pool = ThreadPoolExecutor(max(2, cfg.threads or 2), thread_name_prefix="mist-decode")
+    model_pool = ThreadPoolExecutor(1, thread_name_prefix="mist-ort")  # ORT parallelises inside one call
+    state: dict[str, Any] = {"ready": False}
+    expected = f"Bearer {token}".encode() if token else None
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):  # type: ignore[no-untyped-def]
+        await asyncio.get_running_loop().run_in_executor(model_pool, model.warmup)
+        batcher = DynamicBatcher(model.run, model_pool, cfg.max_batch, cfg.max_delay_ms / 1000, cfg.max_queue)
+        batcher.start()
+        state.update(batcher=batcher, ready=True)
+        try:
+            yield
+        finally:
+            state["ready"] = False
+            await batcher.stop()
+            decode_pool.shutdown(wait=False, cancel_futures=True)
+            model_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="mist-kit serve-cloud", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    app.state.model, app.state.serve = model, state
+
+    def authorize(request: Request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            why = "missing" if not given else "rejected"
+            raise HTTPError(401, f"bearer token {why}: send 'Authorization: Bearer <token>' (serve-cloud "
+                                 "--token-file)", {"WWW-Authenticate": "Bearer"})
+
+    def find_model(name: str, version: str | None = None) -> None:
+        if name != model.name:
+            raise HTTPError(404, f"model '{name}' not found; this server serves '{model.name}'")
+        if version not in (None, "", MODEL_VERSION):
+            raise HTTPError(404, f"model '{name}' has no version '{version}'; versions: ['{MODEL_VERSION}']")
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(_request: Request, exc: HTTPError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.headers)
+
+    @app.get("/v2/health/live")
+    async def live() -> JSONResponse:
+        return JSONResponse({"live": True})
+
+    @app.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        return JSONResponse({"ready": state["ready"]}, status_code=200 if state["ready"] else 503)
+
+    @app.get("/v2")
+    async def server_metadata(request: Request) -> JSONResponse:
+        authorize(request)
+        return JSONResponse({"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(request: Request, name: str, version: str | None = None) -> JSONResponse:
+        authorize(request)
+        find_model(name, version)
+        return JSONResponse(model.metadata())
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(request: Request, name: str, version: str | None = None) -> JSONResponse:
+        authorize(request)
+        find_model(name, version)
+        return JSONResponse({"name": model.name, "ready": state["ready"]}, status_code=200 if state["ready"] else 503)
+
+    @app.get("/v2/models/{name}/stats")
+    @app.get("/v2/models/{name}/versions/{version}/stats")
+    async def model_stats(request: Request, name: str, version: str | None = None) -> JSONResponse:
+        """Triton's statistics-extension shape, reduced to what the batcher knows: model calls per batch size."""
+        authorize(request)
+        find_model(name, version)
+        sizes = state["batcher"].batch_sizes if "batcher" in state else {}
+        batches = [{"batch_size": n, "compute_infer": {"count": c}} for n, c in sorted(sizes.items())]
+        return JSONResponse({"model_stats": [{
+            "name": model.name, "version": MODEL_VERSION, "inference_count": sum(n * c for n, c in sizes.items()),
+            "execution_count": sum(sizes.values()), "batch_stats": batches}]})
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(request: Request, name: str, version: str | None = None) -> Response:
+        authorize(request)
+        find_model(name, version)
+        if not state["ready"]:
+            raise HTTPError(503, "model is loading; retry later", {"Retry-After": "1"})
+        body = await _read_body(request, cfg.max_body_bytes)
+        try:
+            return await asyncio.wait_for(_infer(body, request.headers.get(HEADER_LENGTH)), cfg.timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPError(504, f"inference took longer than {cfg.timeout_s:g} s (serve-cloud --timeout-s)") from None
+
+    async def _infer(body: bytes, header_length: str | None) -> Response:
+        loop = asyncio.get_running_loop()
+
+        def prepare() -> tuple[Any, Any, Any]:
+            req = decode_request(body, header_length)
+            return req, model.pixels_for(req), model.outputs_for(req)
+
+        try:
+            req, pixels, chosen = await loop.run_in_executor(decode_pool, prepare)
+            outputs = await state["batcher"].submit(pixels)
+            payload, json_size = encode_response(model.name, MODEL_VERSION, req.id, model.tensors(outputs, chosen),
+                                                 [binary for _, binary in chosen])
+        except (ProtocolError, DataError) as exc:
+            raise HTTPError(400, str(exc)) from None
+        except QueueFullError as exc:
+            raise HTTPError(503, str(exc), {"Retry-After": "1"}) from None
+        except MistError as exc:
+            raise HTTPError(400 if exc.exit_code == 2 else 500, str(exc)) from None
+        except Exception as exc:
+            log.exception("inference failed")
+            raise HTTPError(500, f"inference failed: {type(exc).__name__}: {exc}") from None
+        if json_size is None:
+            return Response(payload, media_type="application/json")
+        return Response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(json_size)})
+
+    return app
+
+
+def _uvicorn_config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
+                          timeout_graceful_shutdown=5, server_header=False)
+
+
+def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+          config: ServeConfig | None = None, log_level: str = "info") -> None:
+    """Load the bundle and serve until interrupted (the CLI entry point)."""
+    model = CloudModel(bundle_dir, config)
+    uvicorn.Server(_uvicorn_config(create_app(model, token), host, port, log_level)).run()
+
+
+@contextmanager
+def serve_in_thread(bundle_dir: str | Path | None = None, *, model: CloudModel | None = None,
+                    token: str | None = None, config: ServeConfig | None = None, host: str = "127.0.0.1",
+                    startup_timeout_s: float = 60.0) -> Iterator[str]:
+    """Serve on a free loopback port in a background thread; yields the base URL, stops on exit.
+
+    For the demo, tests and benchmarks: the served path end to end in one process, always shut down.
+    """
+    if model is None:
+        if bundle_dir is None:
+            raise UsageError("serve_in_thread needs a bundle directory or a loaded CloudModel")
+        model = CloudModel(bundle_dir, config)
+    app = create_app(model, token)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    server = uvicorn.Server(_uvicorn_config(app, host, sock.getsockname()[1], "warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="mist-kit-serve", daemon=True)
+    thread.start()
+    try:
+        deadline = threading.Event()
+        waited = 0.0
+        while not server.started:
+            if not thread.is_alive():
+                raise MistError("serve-cloud thread stopped during startup (see the log above)")
+            if waited > startup_timeout_s:
+                raise MistError(f"serve-cloud did not start within {startup_timeout_s:g} s")
+            deadline.wait(0.02)
+            waited += 0.02
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()

@@ -1,0 +1,160 @@
+"""`codec bench` as a library: one row per codec with bytes, fidelity, speed and (given a model + data) accuracy.
+
+Three sources of features, stated in the result:
+  checkpoint + labelled data  real gathers from the feature cache; top-1 and agreement with the checkpoint's edge
+                              network, or with one retrained from the training cache when the codec changes what
+                              the network sees (token pooling) or when `retrain="all"` (a protocol-fair
+                              comparison where the fp32 baseline is retrained the same way too)
+  bundle + labelled data      torch-free: cloud.onnx features, edge.onnx + head for accuracy (no retraining, so
+                              token-changing codecs get bytes/SNR only); codecs calibrated on every 4th image
+  nothing                     synthetic gather-like features: bytes, SNR and speed only
+`bench_codecs` returns the rows; the CLI, the demo and bench/codec_caltech.py render them.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mist_kit.errors import UsageError
+from mist_kit.runtime.codec import Codec, codec_params, fit_codec, list_codecs, parse_codec_name
+from mist_kit.runtime.codec.bench import measure, synthetic_features
+
+Log = Callable[[str], None]
+OnCodec = Callable[[str], None]
+MEASURE_IMAGES = 64  # rows used for bytes / SNR / speed (accuracy uses every image)
+RETRAIN_MODES = ("auto", "all")
+
+
+@dataclass
+class BenchResult:
+    """Rows (see `runtime.codec.bench.ROW_KEYS` plus extras), where the features came from, and notes."""
+
+    rows: list[dict[str, Any]]
+    source: str  # "checkpoint" | "bundle" | "synthetic"
+    features_shape: tuple[int, int]
+    jpeg_q90_bytes: float | None
+    notes: list[str] = field(default_factory=list)
+
+
+def jpeg_q90_bytes(paths: Sequence[Path], size: int, max_images: int = 100) -> float | None:
+    """Mean JPEG (quality 90) size of the images resized to the model's input size: what a user would send."""
+    from PIL import Image
+
+    from mist_kit.data import decode_image
+
+    sizes = []
+    for p in list(paths)[:: max(1, len(paths) // max_images)][:max_images]:
+        img = decode_image(Path(p), str(p)).resize((size, size), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        sizes.append(buf.tell())
+    return round(float(np.mean(sizes)), 1) if sizes else None
+
+
+def _agreement_row(logits: np.ndarray, base_pred: np.ndarray, labels: np.ndarray, base_top1: float) -> dict:
+    pred = logits.argmax(1)
+    top1 = float(np.mean(pred == labels))
+    return {"top1": round(top1, 4), "top1_delta": round(top1 - base_top1, 4),
+            "agreement": round(float(np.mean(pred == base_pred)), 4)}
+
+
+def _fit_all(names: Sequence[str], calib: np.ndarray, prefix: int) -> dict[str, Codec]:
+    for name in names:
+        codec_params(parse_codec_name(name)[0])  # unknown names fail before any work
+    return {name: fit_codec(name, calib, prefix) for name in names}
+
+
+def bench_codecs(codecs: Sequence[str] | None = None, *, checkpoint: str | Path | None = None,
+                 bundle: str | Path | None = None, data: str | Path | None = None,
+                 cache_dir: Path | None = None, weights: str | None = None, retrain: str = "auto",
+                 synthetic_shape: tuple[int, int, int] = (32, 257, 384), on_codec: OnCodec | None = None,
+                 log: Log = print) -> BenchResult:
+    """Measure `codecs` (default: all registered) on the chosen feature source; see the module docstring."""
+    names = list(codecs or list_codecs())
+    if retrain not in RETRAIN_MODES:
+        raise UsageError(f"retrain must be one of {RETRAIN_MODES}, got {retrain!r}")
+    if checkpoint is not None and bundle is not None:
+        raise UsageError("cannot use both --checkpoint and --bundle; pick the model to measure accuracy with")
+    if (checkpoint is not None or bundle is not None) and data is None:
+        raise UsageError("--checkpoint/--bundle measure accuracy on labelled data: pass --data DATA")
+    if checkpoint is not None:
+        from mist_kit.codec_bench_model import bench_checkpoint
+
+        return bench_checkpoint(names, checkpoint, str(data), cache_dir, weights, retrain, on_codec, log)
+    if bundle is not None:
+        return _bench_bundle(names, bundle, str(data), on_codec, log)
+    n, t, d = synthetic_shape
+    x = synthetic_features(n, t, d, prefix=1, seed=0)
+    fitted = _fit_all(names, x, 1)
+    rows = []
+    for name in names:
+        if on_codec:
+            on_codec(name)
+        rows.append({**measure(fitted[name], x), "top1": None, "top1_delta": None, "agreement": None,
+                     "retrained": False, "jpeg_q90_bytes": None})
+    return BenchResult(rows, "synthetic", (t, d), None,
+                       [f"synthetic gather-like features [{n}, {t}, {d}] (no --checkpoint/--bundle): bytes, SNR and "
+                        "speed only; accuracy needs a model and labelled data"])
+
+
+def _bench_bundle(names: list[str], bundle: str | Path, data: str, on_codec: OnCodec | None, log: Log) -> BenchResult:
+    """Torch-free: features from cloud.onnx, accuracy through edge.onnx + head for layout-preserving codecs."""
+    import onnxruntime as ort
+
+    from mist_kit.data import load_image_list
+    from mist_kit.runtime.bundle import load_head_file
+    from mist_kit.runtime.codec import create_codec
+    from mist_kit.runtime.codec.extract import cloud_batches, cloud_session
+    from mist_kit.runtime.manifest import EDGE_FILE, HEAD_FILE, verify_files
+
+    sess, manifest = cloud_session(bundle)
+    verify_files(bundle, manifest, only=(EDGE_FILE, HEAD_FILE))
+    images = load_image_list(data)
+    log(f"running cloud.onnx over {len(images)} images")
+    base = create_codec(manifest["codec"])
+    feats = np.concatenate([base.decode(t) for t in cloud_batches(sess, manifest, list(images.paths))])
+    labels = np.asarray(images.labels)
+    prefix = int(base.prefix if base.prefix is not None else 1)
+    notes = [f"features from {bundle}/cloud.onnx (codec {base.name}); codecs calibrated on every 4th image, "
+             "accuracy on the others with edge.onnx + the bundle head (no retraining)"]
+    if base.params.pool > 1:
+        notes.append(f"the bundle's codec {base.name} pools tokens: other codecs are measured on its output")
+    calib_idx = np.arange(0, len(feats), 4)
+    eval_idx = np.setdiff1d(np.arange(len(feats)), calib_idx)
+    fitted = _fit_all(names, feats[calib_idx], prefix)
+    edge = ort.InferenceSession(str(Path(bundle) / EDGE_FILE), providers=["CPUExecutionProvider"])
+    head = load_head_file(Path(bundle) / HEAD_FILE, tuple(manifest["classes"]))
+    edge_inputs = [i.name for i in edge.get_inputs()]
+
+    def logits(x: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(x), 64):
+            enc = base.encode(x[i:i + 64])  # the bundle's edge graph starts with the bundle codec's decoder
+            out.append(head.logits(edge.run(None, {k: enc[k] for k in edge_inputs})[0]))
+        return np.concatenate(out)
+
+    x_eval, y_eval = feats[eval_idx], labels[eval_idx]
+    base_logits = logits(x_eval)
+    base_pred, base_top1 = base_logits.argmax(1), float(np.mean(base_logits.argmax(1) == y_eval))
+    jpeg = jpeg_q90_bytes([images.paths[i] for i in eval_idx], int(manifest["input"]["size"]))
+    rows = []
+    for name in names:
+        if on_codec:
+            on_codec(name)
+        codec = fitted[name]
+        row = {**measure(codec, x_eval[:MEASURE_IMAGES]), "top1": None, "top1_delta": None, "agreement": None,
+               "retrained": False, "jpeg_q90_bytes": jpeg}
+        if codec.out_tokens == feats.shape[1]:
+            row.update(_agreement_row(logits(np.concatenate([codec.roundtrip(x_eval[i:i + 64])
+                                                             for i in range(0, len(x_eval), 64)])),
+                                      base_pred, y_eval, base_top1))
+        else:
+            row["note"] = "changes the token layout: measure accuracy with --checkpoint (retrains the edge net)"
+        rows.append(row)
+    return BenchResult(rows, "bundle", (int(feats.shape[1]), int(feats.shape[2])), jpeg, notes)

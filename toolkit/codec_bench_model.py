@@ -1,0 +1,115 @@
+"""Checkpoint-mode codec bench: real cached gathers, accuracy with the checkpoint's or a retrained edge network.
+
+Why retrain: a codec that changes what the device sees (pooled tokens) needs an edge network trained on it, and
+from the feature cache that takes seconds to minutes, never a backbone pass. Retraining follows the checkpoint's
+own recipe (method hyperparameters and TrainParams from config.json), on its training split, with the codec's
+round trip as the training transform; with `retrain="all"` the fp32 baseline is retrained the same way, so every
+delta compares networks trained by one protocol.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mist_kit.codec_bench import MEASURE_IMAGES, BenchResult, Log, OnCodec, _agreement_row, _fit_all, jpeg_q90_bytes
+from mist_kit.errors import CheckpointError, UsageError
+from mist_kit.runtime.codec.bench import measure
+
+
+def _gathers(config: Any, source: str, k: int, root: Path, backbone: Any, log: Log) -> tuple[np.ndarray, np.ndarray]:
+    """Valid rows of the cached g_k and labels for dataset `source` (cached now if needed)."""
+    from mist_kit.calibration.features import find_cached_split
+    from mist_kit.data import load_image_list
+    from mist_kit.featurize import cache_features
+
+    split = find_cached_split(config, source, k, root)
+    if split is None:
+        split, _, _ = cache_features(backbone(), config.backbone, load_image_list(source), root, (k,),
+                                     progress=False, log=log)
+    valid = split.valid()
+    return np.asarray(split.gather(k))[valid], np.asarray(split.labels())[valid]
+
+
+def bench_checkpoint(names: list[str], checkpoint: str | Path, data: str, cache_dir: Path | None,
+                     weights: str | None, retrain: str, on_codec: OnCodec | None, log: Log) -> BenchResult:
+    """See module docstring; `data` is the labelled evaluation set (e.g. the test split)."""
+    from mist_kit.backbone import load_backbone_for
+    from mist_kit.checkpoint import build_method, load_checkpoint, resolve_checkpoint_dir
+    from mist_kit.data import load_image_list
+    from mist_kit.runtime.codec import create_codec
+    from mist_kit.train import TrainParams, fit, predict_logits
+
+    config, model = load_checkpoint(checkpoint)
+    k = config.method.k
+    if k is None:
+        raise UsageError(f"checkpoint {checkpoint}: method {config.method.name!r} consumes no gather; codecs "
+                         "apply to gather methods such as mist")
+    if not config.training.get("train"):
+        raise CheckpointError(f"checkpoint {checkpoint}: config.json training.train is missing (needed to "
+                              "calibrate codecs and retrain on the training cache)")
+    root = cache_dir or Path(config.training.get("cache_dir") or resolve_checkpoint_dir(checkpoint) / "cache")
+    bb_cache: dict[str, Any] = {}
+
+    def backbone() -> Any:
+        if "m" not in bb_cache:
+            bb_cache["m"] = load_backbone_for(config.backbone, weights)
+        return bb_cache["m"]
+
+    x_test, y_test = _gathers(config, data, k, root, backbone, log)
+    train_src, val_src = config.training.get("train"), config.training.get("val")
+    x_tr, y_tr = _gathers(config, train_src, k, root, backbone, log)
+    x_val, y_val = _gathers(config, val_src, k, root, backbone, log) if val_src else (None, None)
+    prefix = config.backbone.num_prefix_tokens
+    fields = {f.name for f in dataclasses.fields(TrainParams)}
+    params = TrainParams(**{key: v for key, v in config.training.items() if key in fields})
+    own = create_codec(config.codec) if config.codec.get("tokens") else None
+    notes = [f"checkpoint {checkpoint} (k={k}, trained for codec {config.codec.get('name', 'fp32')}); "
+             f"{len(y_test)} evaluation images from {data}; codecs calibrated on {min(len(x_tr), 256)} training "
+             f"gathers"]
+
+    def retrained(codec: Any) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        tf = None if codec is None or codec.lossless else codec.roundtrip
+        tokens = codec.out_tokens if codec is not None else config.backbone.num_tokens
+        with torch.random.fork_rng():
+            torch.manual_seed(params.seed)
+            net = build_method(config, num_tokens=tokens)
+        fit(net, x_tr, y_tr, params, x_val, y_val, transform=tf)
+        return predict_logits(net, x_test, tf), time.perf_counter() - t0
+
+    own_is_fp32 = own is None or own.lossless
+    if retrain == "all" or not own_is_fp32:
+        log("retraining the fp32 baseline edge network from the cache")
+        base_logits, _ = retrained(None)
+    else:
+        base_logits = predict_logits(model, x_test)
+    base_pred = base_logits.argmax(1)
+    base_top1 = float(np.mean(base_pred == y_test))
+    fitted = _fit_all(names, x_tr[np.unique(np.linspace(0, len(x_tr) - 1, min(256, len(x_tr))).astype(int))],
+                      prefix)
+    jpeg = jpeg_q90_bytes(list(load_image_list(data).paths), config.backbone.img_size)
+    sample = np.asarray(x_test[:MEASURE_IMAGES], dtype=np.float32)
+    rows = []
+    for name in names:
+        if on_codec:
+            on_codec(name)
+        codec = fitted[name]
+        row = {**measure(codec, sample), "retrained": False, "train_seconds": None, "jpeg_q90_bytes": jpeg}
+        changes_tokens = codec.out_tokens != config.backbone.num_tokens
+        if codec.lossless and not (retrain == "all" or not own_is_fp32):
+            logits = base_logits
+        elif changes_tokens or retrain == "all" or not own_is_fp32:
+            log(f"{name}: retraining the edge network on the codec's round trip")
+            logits, secs = (base_logits, 0.0) if codec.lossless else retrained(codec)
+            row.update(retrained=True, train_seconds=round(secs, 1))
+        else:
+            logits = predict_logits(model, x_test, codec.roundtrip)
+        row.update(_agreement_row(logits, base_pred, y_test, base_top1))
+        rows.append(row)
+    return BenchResult(rows, "checkpoint", (int(x_test.shape[1]), int(x_test.shape[2])), jpeg, notes)
