@@ -31,6 +31,7 @@ try:
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
+    from starlette.requests import ClientDisconnect  # fastapi's own request layer
 except ImportError as _exc:  # pragma: no cover - depends on the install
     raise DependencyError(f"serve-cloud needs the 'serve' extra (pip install 'mist-kit[serve]'): {_exc}") from None
 
@@ -69,11 +70,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise HTTPError(413, f"request body of {declared} bytes is over this server's {limit} byte limit "
                              "(serve-cloud --max-body-mb)")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"request body is over this server's {limit} byte limit (serve-cloud --max-body-mb)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"request body is over this server's {limit} byte limit "
+                                     "(serve-cloud --max-body-mb)")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise HTTPError(400, "client disconnected before sending the whole body") from None
     body = b"".join(chunks)
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding in ("gzip", "deflate"):
@@ -94,7 +99,10 @@ def create_app(model: CloudModel, token: str | None = None) -> FastAPI:
     cfg = model.config
     decode_pool = ThreadPoolExecutor(max(2, cfg.threads or 2), thread_name_prefix="mist-decode")
     model_pool = ThreadPoolExecutor(1, thread_name_prefix="mist-ort")  # ORT parallelises inside one call
-    state: dict[str, Any] = {"ready": False}
+    state: dict[str, Any] = {"ready": False, "inflight": 0}
+    # Admission bound, checked before a body is read: requests being decoded, queued or run. Bounds memory to
+    # about max_inflight x --max-body-mb however many clients connect.
+    max_inflight = cfg.max_queue + cfg.max_batch
     expected = f"Bearer {token}".encode() if token else None
 
     @asynccontextmanager
@@ -180,11 +188,17 @@ def create_app(model: CloudModel, token: str | None = None) -> FastAPI:
         find_model(name, version)
         if not state["ready"]:
             raise HTTPError(503, "model is loading; retry later", {"Retry-After": "1"})
-        body = await _read_body(request, cfg.max_body_bytes)
+        if state["inflight"] >= max_inflight:
+            raise HTTPError(503, f"server is at its {max_inflight} requests in flight (--max-queue + --max-batch); "
+                                 "retry later", {"Retry-After": "1"})
+        state["inflight"] += 1
         try:
+            body = await _read_body(request, cfg.max_body_bytes)
             return await asyncio.wait_for(_infer(body, request.headers.get(HEADER_LENGTH)), cfg.timeout_s)
         except asyncio.TimeoutError:
             raise HTTPError(504, f"inference took longer than {cfg.timeout_s:g} s (serve-cloud --timeout-s)") from None
+        finally:
+            state["inflight"] -= 1
 
     async def _infer(body: bytes, header_length: str | None) -> Response:
         loop = asyncio.get_running_loop()
@@ -260,3 +274,35 @@ def serve_in_thread(bundle_dir: str | Path | None = None, *, model: CloudModel |
         server.should_exit = True
         thread.join(timeout=15)
         sock.close()
+
+
+def serve_roundtrip(bundle_dir: str | Path, images: Any, batch: int = 4) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The served path end to end on loopback, for `mist-kit demo`: returns (features, report).
+
+    Starts the server in a thread with a random token, fetches features for `images` (paths or encoded bytes) with
+    the device client, stops the server, and checks them against cloud.onnx run in-process on the same images.
+    """
+    import secrets
+    import time
+
+    import numpy as np
+
+    from mist_kit.data import decode_image, preprocess
+    from mist_kit.runtime.v2_client import fetch_features
+
+    model = CloudModel(bundle_dir, ServeConfig(max_batch=max(1, batch)))
+    token = secrets.token_urlsafe(16)
+    t0 = time.perf_counter()
+    with serve_in_thread(model=model, token=token) as url:
+        feats = fetch_features(url, images, model.manifest, token=token, batch=batch)
+    seconds = time.perf_counter() - t0
+    items = list(getattr(images, "paths", images))
+    raw = [i if isinstance(i, bytes) else Path(i).read_bytes() for i in items]
+    px = np.stack([preprocess(decode_image(b, f"image {n}"), model.size, model.mean, model.std)
+                   for n, b in enumerate(raw)])
+    ref = model.run(px)
+    diff = max(float(np.abs(feats[k].astype(np.float32) - ref[k].astype(np.float32)).max()) for k in ref)
+    report = {"url": url, "model": model.name, "images": len(raw), "seconds": round(seconds, 3),
+              "wire_bytes_per_image": int(sum(v[0].nbytes for v in feats.values())),
+              "max_abs_diff_vs_in_process": diff, "outputs": {k: list(v.shape) for k, v in feats.items()}}
+    return feats, report

@@ -38,7 +38,7 @@ def encode(arr: np.ndarray, fmt: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_bundle) -> Path:  # noqa: ANN001 - the exporter's fixture (tests/conftest.py)
+def bundle(tiny_bundle) -> Path:
     return Path(tiny_bundle["bundle"] if isinstance(tiny_bundle, dict) else tiny_bundle)
 
 
@@ -63,7 +63,7 @@ def model(bundle: Path) -> CloudModel:
 
 
 @pytest.fixture(scope="module")
-def url(model: CloudModel):  # noqa: ANN201 - generator fixture
+def url(model: CloudModel):
     with serve_in_thread(model=model, token=TOKEN) as base:
         yield base
 
@@ -75,7 +75,7 @@ def direct(model: CloudModel, images: list[bytes]) -> np.ndarray:
     return model.session.run(None, {"pixel_values": px})
 
 
-def triton(url: str, token: str | None = TOKEN):  # noqa: ANN201
+def triton(url: str, token: str | None = TOKEN):
     import tritonclient.http as th
 
     headers = {"Authorization": f"Bearer {token}"} if token else None
@@ -83,7 +83,7 @@ def triton(url: str, token: str | None = TOKEN):  # noqa: ANN201
 
 
 def test_tritonclient_metadata(url: str, manifest: dict) -> None:
-    th, client, headers = triton(url)
+    _th, client, headers = triton(url)
     assert client.is_server_live() and client.is_server_ready()
     assert "binary_tensor_data" in client.get_server_metadata(headers=headers)["extensions"]
     name = manifest["model_name"]
@@ -201,7 +201,7 @@ def png_bomb(width: int, height: int) -> bytes:
     return data[:12] + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
 
 
-def post(url: str, name: str, inputs: list[Tensor], headers: dict | None = None, **kw) -> httpx.Response:  # noqa: ANN003
+def post(url: str, name: str, inputs: list[Tensor], headers: dict | None = None, **kw) -> httpx.Response:
     body, hl = encode_request(inputs, None)
     h = {**AUTH, **({HEADER_LENGTH: str(hl)} if hl else {}), **(headers or {})}
     return httpx.post(f"{url}/v2/models/{name}/infer", content=kw.get("content", body), headers=h, timeout=30)

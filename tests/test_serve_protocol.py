@@ -131,7 +131,7 @@ def test_decode_request_rejects(header: dict, binary: bytes, match: str) -> None
 
 
 def test_header_length_checks() -> None:
-    body, hl = _body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]})
+    body, _hl = _body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]})
     assert decode_request(body, None).inputs[0].data.tolist() == [1.0]
     with pytest.raises(ProtocolError, match=HEADER_LENGTH):
         decode_request(body, "abc")

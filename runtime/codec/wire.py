@@ -12,7 +12,6 @@ decompressed size is bounded by the checked header, and a CRC catches corruption
 
 from __future__ import annotations
 
-import io
 import math
 import struct
 import zlib
@@ -134,19 +133,25 @@ def decode_payload(codec: Codec, data: bytes, max_bytes: int = MAX_DECODED_BYTES
     return out
 
 
-def _bounded_unzstd(stored: bytes, raw_len: int) -> bytes:
-    """Decompress at most raw_len + 1 bytes: a frame claiming more can never make us allocate more."""
+def _bounded_unzstd(stored: bytes, raw_len: int, chunk: int = 256) -> bytes:
+    """Decompress in small input chunks, stopping past raw_len: a frame claiming more can never make us allocate
+    more than raw_len plus one chunk's worth (a zstd block expands to at most 128 KiB). Trailing bytes after the
+    frame are corruption too."""
     import zstandard
 
+    obj = zstandard.ZstdDecompressor().decompressobj()
+    out, got = [], 0
     try:
-        chunks, got = [], 0
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(stored)) as reader:
-            while got <= raw_len:
-                chunk = reader.read(raw_len + 1 - got)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                got += len(chunk)
-        return b"".join(chunks)
+        for i in range(0, len(stored), chunk):
+            piece = obj.decompress(stored[i:i + chunk])
+            out.append(piece)
+            got += len(piece)
+            if got > raw_len:
+                break
+            if obj.eof and i + chunk < len(stored):
+                raise CodecError("codec payload: bytes after the end of the zstd frame")
     except zstandard.ZstdError as exc:
         raise CodecError(f"codec payload: corrupt zstd stream ({exc})") from None
+    if not obj.eof or obj.unused_data:
+        raise CodecError("codec payload: incomplete zstd frame or trailing bytes")
+    return b"".join(out)
