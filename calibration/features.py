@@ -137,7 +137,8 @@ def from_images(images: ImageList, gather: Any, config: CheckpointConfig, n_cali
     feats = []
     with torch.no_grad():
         for start in range(0, len(pick), batch_size):
-            px = np.stack([load_pixels(images.paths[i], b.img_size, b.mean, b.std) for i in pick[start:start + batch_size]])
+            rows = pick[start:start + batch_size]
+            px = np.stack([load_pixels(images.paths[i], b.img_size, b.mean, b.std) for i in rows])
             feats.append(gather(torch.from_numpy(px)).numpy())
     x = np.concatenate(feats).astype(np.float32)
     if transform is not None:

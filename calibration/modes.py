@@ -78,9 +78,11 @@ class QuantSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "mode": self.mode.value, "per_channel": self.per_channel,
-                "format": self.fmt.value if self.fmt else None, "calibration": self.calib.value if self.calib else None,
+                "format": self.fmt.value if self.fmt else None,
+                "calibration": self.calib.value if self.calib else None,
                 "percentile": self.percentile if self.calib is CalibMethod.PERCENTILE else None,
-                "op_types": list(self.op_types), "reduce_range": self.reduce_range, "excluded_nodes": list(self.exclude)}
+                "op_types": list(self.op_types), "reduce_range": self.reduce_range,
+                "excluded_nodes": list(self.exclude)}
 
 
 # Named recipes `--mode` accepts. `auto` (the default) measures the CANDIDATES on held-out real features and keeps

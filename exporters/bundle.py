@@ -115,4 +115,12 @@ def write_bundle(out: str | Path, art: Artifacts, manifest: dict[str, Any],
         if problems:
             raise ValidationFailed(problems)
         write_json(tmp / MANIFEST_FILE, final)
+        _readable(tmp)
     return final
+
+
+def _readable(root: Path) -> None:
+    """Temp files are created owner-only; a bundle is meant to be served and copied: make it world-readable."""
+    root.chmod(0o755)
+    for p in root.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)

@@ -40,7 +40,8 @@ def _tensor_block(entries: list[dict[str, Any]]) -> str:
     rows = []
     for e in entries:
         dims = ", ".join(str(d) for d in e["shape"][1:])  # batch dim is implicit with max_batch_size > 0
-        rows.append(f'  {{\n    name: "{e["name"]}"\n    data_type: {triton_type(e["dtype"])}\n    dims: [ {dims} ]\n  }}')
+        rows.append(f'  {{\n    name: "{e["name"]}"\n    data_type: {triton_type(e["dtype"])}\n'
+                    f"    dims: [ {dims} ]\n  }}")
     return ",\n".join(rows)
 
 
@@ -55,7 +56,8 @@ def triton_config(model_name: str, inputs: list[dict[str, Any]], outputs: list[d
 
 def kserve_yaml(model_name: str, storage_uri: str) -> str:
     """An InferenceService serving the Triton repository over the Open Inference Protocol (v2)."""
-    return (f"apiVersion: serving.kserve.io/v1beta1\nkind: InferenceService\nmetadata:\n  name: {dns_name(model_name)}\n"
+    return ("apiVersion: serving.kserve.io/v1beta1\nkind: InferenceService\n"
+            f"metadata:\n  name: {dns_name(model_name)}\n"
             "  annotations:\n    mist-kit/role: cloud\nspec:\n  predictor:\n    model:\n      modelFormat:\n"
             "        name: triton\n      protocolVersion: v2\n      runtime: kserve-tritonserver\n"
             f"      storageUri: {storage_uri}\n      args:\n        - --strict-model-config=true\n"

@@ -10,9 +10,12 @@ the int8 operators in the saved graph and in the graph onnxruntime actually exec
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from mist_kit.calibration.node_errors import NodeError, node_error_table
 from mist_kit.calibration.modes import CalibMethod, QuantFormat, QuantMode, QuantSpec
+from mist_kit.calibration.node_errors import NodeError, node_error_table
 from mist_kit.calibration.reader import FeatureReader
 from mist_kit.errors import ExportError
 from mist_kit.exporters.cloud_onnx import ort_session
@@ -85,7 +88,10 @@ def quantize(fp32: onnx.ModelProto, spec: QuantSpec, calib: Batches | None) -> o
     from onnxruntime.quantization import CalibrationMethod, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization import QuantFormat as OrtFormat
 
-    with tempfile.TemporaryDirectory(prefix="mist-quant-") as tmp:
+    # ORT's quantizer print()s calibration details and logs "consider pre-processing" on the root logger; stdout
+    # must stay clean for `--json`, and our own report says what was done.
+    with tempfile.TemporaryDirectory(prefix="mist-quant-") as tmp, contextlib.redirect_stdout(io.StringIO()), \
+            _quiet_root_logger():
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save_model(fp32, str(src))
         common = {"op_types_to_quantize": list(spec.op_types), "per_channel": spec.per_channel,
@@ -104,6 +110,17 @@ def quantize(fp32: onnx.ModelProto, spec: QuantSpec, calib: Batches | None) -> o
             quantize_static(src, dst, FeatureReader(calib), quant_format=fmt, activation_type=QuantType.QUInt8,
                             calibrate_method=method, extra_options=extra, **common)
         return onnx.load_model(str(dst))
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def runtime_ops(model: onnx.ModelProto) -> dict[str, int]:
@@ -205,12 +222,10 @@ def quantize_edge(fp32: onnx.ModelProto, specs: list[QuantSpec], calib: Batches,
             f"SQNR loss {worst.drop_db:.1f} dB) in fp32 -> agreement {m.agreement:.4f}")
         candidates.append(m)
         current = m
-    if current.agreement >= min_agreement and current is not best:
-        table = node_error_table(fp32, current.model, list(current_batches(held_out, 256)), current.spec) \
-            if not table else table  # type: ignore[arg-type]
     passed = current.agreement >= min_agreement
-    if not passed and not table:
-        table = node_error_table(fp32, current.model, list(current_batches(held_out, 256)), current.spec)  # type: ignore
+    if current is not best or not passed:  # the table of the graph actually shipped (or refused)
+        table = node_error_table(fp32, current.model, list(current_batches(held_out, 256)),  # type: ignore[arg-type]
+                                 current.spec)
     return QuantResult(current, candidates, table, passed, min_agreement)
 
 

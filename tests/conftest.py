@@ -45,3 +45,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, digits_lists: dict
     report = run_training(req, log=lambda _m: None)
     report["out"] = out
     return report
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: dict) -> Path:
+    """The tiny checkpoint exported as a split bundle (int8 edge.onnx, auto-chosen recipe); returns its directory."""
+    from mist_kit.exporters.export import export_bundle
+
+    out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
+    report = export_bundle(tiny_checkpoint["checkpoint"], out, log=lambda _m: None)
+    assert report.ok, report.problems
+    return out

@@ -38,8 +38,9 @@ def encode(arr: np.ndarray, fmt: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_bundle) -> Path:
-    return Path(tiny_bundle["bundle"] if isinstance(tiny_bundle, dict) else tiny_bundle)
+def bundle(tiny_bundle: Path) -> Path:
+    """The exporter's real tiny bundle (tests/conftest.py): test_vit, digits, int8 edge graph, deploy/."""
+    return tiny_bundle
 
 
 @pytest.fixture(scope="module")
@@ -269,10 +270,3 @@ def test_queue_full_503_and_timeout_504(bundle: Path, images: list[bytes]) -> No
         assert resp.status_code == 504 and "--timeout-s" in resp.json()["error"]
         assert httpx.get(f"{base}/v2/health/live").status_code == 200
 
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory):  # DEV ONLY: replaced by the exporter's fixture
-    import sys
-    sys.path.insert(0, "/tmp/serve_dev")
-    from make_bundle import make
-    return make(tmp_path_factory.mktemp("b"))

@@ -23,8 +23,9 @@ from mist_kit.runtime.v2_server import serve_in_thread
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_bundle) -> Path:
-    return Path(tiny_bundle["bundle"] if isinstance(tiny_bundle, dict) else tiny_bundle)
+def bundle(tiny_bundle: Path) -> Path:
+    """The exporter's real tiny bundle (tests/conftest.py): test_vit, digits, int8 edge graph, deploy/."""
+    return tiny_bundle
 
 
 def parse_triton_config(text: str) -> dict:
@@ -125,10 +126,11 @@ def test_run_edge_cloud_matches_direct_features(bundle: Path, digits_lists: dict
     model = CloudModel(bundle, ServeConfig(max_batch=4, threads=1))
     with serve_in_thread(model=model, token="edge-tok") as url:
         res = CliRunner().invoke(app, ["run-edge", "--device", "rpi4", "--bundle", str(bundle), "--cloud", url,
-                                       "--images", str(small), "--token", "edge-tok", "--batch", "4", "--json"])
+                                       "--images", str(small), "--token", "edge-tok", "--batch", "4", "--json",
+                                       "--no-cap"])  # RLIMIT_AS would also cap this process's server thread
         assert res.exit_code == 0, res.output
         denied = CliRunner().invoke(app, ["run-edge", "--device", "rpi4", "--bundle", str(bundle), "--cloud", url,
-                                          "--images", str(small), "--json"])
+                                          "--images", str(small), "--json", "--no-cap"])
         assert denied.exit_code == 2 and "401" in denied.output, denied.output
     import json
 
@@ -137,7 +139,7 @@ def test_run_edge_cloud_matches_direct_features(bundle: Path, digits_lists: dict
     m = model.manifest["input"]
     px = np.stack([load_pixels(p, m["size"], m["mean"], m["std"]) for p in data.paths])
     feats = model.run(px)
-    direct = run_edge(bundle, device="rpi4", batch=4, batches=[
+    direct = run_edge(bundle, device="rpi4", batch=4, apply_caps=False, batches=[
         Batch([str(p) for p in data.paths], feats, np.array(data.labels, dtype=np.int64))])
     assert served["images"] == direct["images"] == 12
     assert [p["index"] for p in served["predictions"]] == [p["index"] for p in direct["predictions"]]

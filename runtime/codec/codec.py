@@ -249,7 +249,13 @@ class Codec:
 
     def check_encoded(self, tensors: dict[str, np.ndarray]) -> int:
         """Validate names, dtypes and per-image shapes of encoded tensors; return the batch size."""
-        specs = self.outputs()
+        if self.dim is None:  # a geometry-free codec (fp32/fp16 by name only) takes the shape it is given
+            first = next(iter(tensors.values()), None)
+            if not isinstance(first, np.ndarray) or first.ndim != 3:
+                raise CodecError(f"codec {self.name!r}: expected one [B, T, D] tensor")
+            specs = self.outputs(first.shape[1], first.shape[2])
+        else:
+            specs = self.outputs()
         if sorted(tensors) != sorted(s.name for s in specs):
             raise CodecError(f"codec {self.name!r}: expected tensors {[s.name for s in specs]}, got {sorted(tensors)}")
         batch = None

@@ -32,7 +32,8 @@ MAX_DECODED_BYTES = 256 << 20  # default cap on one payload's decoded size (a ba
 def encode_payload(codec: Codec, tensors: dict[str, np.ndarray], zstd_level: int | None = None) -> bytes:
     """Serialise a codec's encoded tensors (see `Codec.encode`); zstd at `zstd_level` (default: the spec's)."""
     codec.check_encoded(tensors)
-    specs = codec.outputs(*next(iter(tensors.values())).shape[1:]) if codec.dim is None else codec.outputs()
+    first = next(iter(tensors.values()))
+    specs = codec.outputs(first.shape[1], first.shape[2]) if codec.dim is None else codec.outputs()
     level = codec.zstd if zstd_level is None else zstd_level
     name = codec.name.encode("utf-8")
     head = [MAGIC, struct.pack("<BBH", VERSION, FLAG_ZSTD if level else 0, len(name)), name,

@@ -23,6 +23,7 @@ app = typer.Typer(
 COMMAND_MODULES = (
     "mist_kit.cli.train_cmds",
     "mist_kit.cli.demo_cmd",
+    "mist_kit.cli.export_cmd",
     "mist_kit.cli.codec_cmds",
     "mist_kit.cli.serve_cmd",
     "mist_kit.cli.edge_cmds",

@@ -1,0 +1,155 @@
+"""The feature cache: values equal a direct backbone pass, stale caches (weights, images, preprocessing) are
+detected and rebuilt, a cache with more ks serves fewer, an interrupted build resumes, and --skip-bad counts."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mist_kit.featurize as featurize
+from mist_kit.backbone import load_backbone, run_backbone, save_random_backbone
+from mist_kit.data import ImageList, load_image_list, load_pixels
+from mist_kit.errors import DataError
+from mist_kit.featurize import cache_features
+
+N_IMAGES = 12
+
+
+@pytest.fixture
+def small_list(tmp_path: Path, digits_lists: dict[str, Path]) -> Path:
+    """A private copy (images + list) of the first N_IMAGES training digits, safe to modify."""
+    src = digits_lists["train"]
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    lines = src.read_text().splitlines()[:N_IMAGES]
+    for line in lines:
+        rel = line.rsplit(" ", 1)[0]
+        shutil.copy(src.parent / rel, root / rel)
+    shutil.copy(src.parent / "classes.txt", root / "classes.txt")
+    (root / "list.txt").write_text("\n".join(lines) + "\n")
+    return root / "list.txt"
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_weights: Path):
+    return load_backbone("test_vit", img_size=32, weights=tiny_weights)
+
+
+def _cache(backbone, images: ImageList, root: Path, ks=(2, 4), **kw):
+    model, spec = backbone
+    logs: list[str] = []
+    split, secs, skipped = cache_features(model, spec, images, root, ks, batch_size=4, progress=False,
+                                          log=logs.append, **kw)
+    return split, secs, skipped, logs
+
+
+def test_cached_values_equal_a_direct_backbone_pass(backbone, small_list: Path, tmp_path: Path) -> None:
+    model, spec = backbone
+    images = load_image_list(small_list)
+    split, secs, skipped, _ = _cache(backbone, images, tmp_path / "c")
+    assert secs > 0 and skipped == 0 and split.ks == (2, 4)
+    pixels = torch.from_numpy(np.stack([load_pixels(p, 32, spec.mean, spec.std) for p in images.paths]))
+    ref = run_backbone(model, pixels, (2, 4))
+    for k in (2, 4):
+        got = np.asarray(split.gather(k), dtype=np.float32)
+        assert got.shape == (N_IMAGES, 5, 64)
+        np.testing.assert_allclose(got, ref.gathers[k].numpy(), atol=2e-2, rtol=2e-3)  # float16 storage
+    np.testing.assert_allclose(np.asarray(split.final_cls(), np.float32), ref.final_cls.numpy(), atol=2e-2, rtol=2e-3)
+    assert list(split.labels()) == list(images.labels)
+
+
+def test_second_run_hits_and_subset_of_ks_is_reused(backbone, small_list: Path, tmp_path: Path) -> None:
+    images = load_image_list(small_list)
+    first, _, _, _ = _cache(backbone, images, tmp_path / "c", ks=(2, 4))
+    mtime = (first.path / "g2.npy").stat().st_mtime_ns
+    again, secs, _, logs = _cache(backbone, images, tmp_path / "c", ks=(2,))
+    assert secs == 0.0 and any("cache hit" in m for m in logs)
+    assert (again.path / "g2.npy").stat().st_mtime_ns == mtime
+    bigger, secs, _, logs = _cache(backbone, images, tmp_path / "c", ks=(2, 6))
+    assert secs > 0 and bigger.ks == (2, 6) and any("no gather for k=[6]" in m for m in logs)
+
+
+def test_changed_weights_make_the_cache_stale(backbone, small_list: Path, tmp_path: Path) -> None:
+    images = load_image_list(small_list)
+    first, _, _, _ = _cache(backbone, images, tmp_path / "c")
+    before = np.array(first.gather(4), dtype=np.float32)
+    other = save_random_backbone("test_vit", tmp_path / "other.safetensors", img_size=32, seed=1)
+    rebuilt, secs, _, logs = _cache(load_backbone("test_vit", img_size=32, weights=other), images, tmp_path / "c")
+    assert secs > 0 and any("stale (weights_sha256 changed)" in m for m in logs)
+    assert not np.allclose(np.asarray(rebuilt.gather(4), np.float32), before)
+
+
+def test_changed_image_bytes_make_the_cache_stale(backbone, small_list: Path, tmp_path: Path) -> None:
+    images = load_image_list(small_list)
+    first, _, _, _ = _cache(backbone, images, tmp_path / "c")
+    before = np.array(first.gather(2), dtype=np.float32)
+    from PIL import Image
+
+    target = images.paths[3]
+    Image.open(target).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(target)
+    rebuilt, secs, _, logs = _cache(backbone, load_image_list(small_list), tmp_path / "c")
+    assert secs > 0 and any("stale (images_sha256 changed)" in m for m in logs)
+    after = np.asarray(rebuilt.gather(2), np.float32)
+    np.testing.assert_array_equal(after[:3], before[:3])  # untouched images: same numbers
+    assert not np.allclose(after[3], before[3])
+
+
+def test_changed_preprocessing_makes_the_cache_stale(backbone, small_list: Path, tmp_path: Path) -> None:
+    model, spec = backbone
+    images = load_image_list(small_list)
+    _cache(backbone, images, tmp_path / "c")
+    other_spec = replace(spec, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    _, secs, _, logs = _cache((model, other_spec), images, tmp_path / "c")
+    assert secs > 0 and any("stale (mean, std changed)" in m for m in logs)
+
+
+def test_interrupted_build_resumes_where_it_stopped(backbone, small_list: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    images = load_image_list(small_list)
+    real = featurize.run_backbone
+    calls: list[int] = []
+
+    def crash_on_third_batch(model, pixels, ks):
+        calls.append(len(pixels))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what Ctrl-C does mid-build
+        return real(model, pixels, ks)
+
+    monkeypatch.setattr(featurize, "run_backbone", crash_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _cache(backbone, images, tmp_path / "c")
+    partial = next((tmp_path / "c").glob("*.partial"))
+    assert int((np.load(partial / "status.npy") == 1).sum()) == 8  # two batches of 4 kept
+    calls.clear()
+    monkeypatch.setattr(featurize, "run_backbone", lambda m, p, ks: (calls.append(len(p)), real(m, p, ks))[1])
+    resumed, _, _, logs = _cache(backbone, images, tmp_path / "c")
+    assert calls == [4] and any("8 of 12 images already done" in m for m in logs)
+    assert not partial.exists()
+    fresh, _, _, _ = _cache(backbone, images, tmp_path / "fresh")
+    np.testing.assert_array_equal(np.asarray(resumed.gather(4)), np.asarray(fresh.gather(4)))
+
+
+def test_skip_bad_counts_and_excludes_corrupt_images(backbone, small_list: Path, tmp_path: Path) -> None:
+    lines = small_list.read_text().splitlines()
+    (small_list.parent / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    small_list.write_text("\n".join([*lines[:5], "images/broken.jpg 3", *lines[5:]]) + "\n")
+    images = load_image_list(small_list)
+    with pytest.raises(DataError, match=r"broken\.jpg: cannot decode image"):
+        _cache(backbone, images, tmp_path / "c")
+    split, _, skipped, logs = _cache(backbone, images, tmp_path / "c", skip_bad=True)
+    assert skipped == 1 and any("broken.jpg" in m for m in logs)
+    assert list(split.valid()) == [i for i in range(N_IMAGES + 1) if i != 5]
+    _, secs, skipped_again, _ = _cache(backbone, images, tmp_path / "c", skip_bad=True)
+    assert secs == 0.0 and skipped_again == 1  # the hit still reports the count
+
+
+def test_all_images_unreadable_is_an_error(backbone, tmp_path: Path) -> None:
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    (tmp_path / "list.txt").write_text("bad.png 0\n")
+    with pytest.raises(DataError, match="every image was unreadable"):
+        _cache(backbone, load_image_list(tmp_path / "list.txt"), tmp_path / "c", skip_bad=True)

@@ -1,0 +1,144 @@
+"""Training from cached features: it learns, it is deterministic, k search / refit / linear paths work, and
+contradictory requests are refused. Pipeline runs reuse the session's tiny cache (no extra backbone passes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mist_kit.edge import create_edge_method
+from mist_kit.errors import UsageError
+from mist_kit.pipeline import TrainRequest, run_training
+from mist_kit.train import TrainParams, fit, fit_candidates, predict_logits, top1
+
+TOK, DIM, CLASSES = 5, 16, 4
+
+
+def _blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gather-shaped features whose cls token carries a class signal under noise (float16, like the cache)."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(123).normal(size=(CLASSES, DIM)) * 1.5
+    y = rng.integers(0, CLASSES, size=n)
+    x = rng.normal(size=(n, TOK, DIM))
+    x[:, 0] += centres[y]
+    return x.astype(np.float16), y
+
+
+def _lae(seed: int = 0):
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return create_edge_method("mist", embed_dim=DIM, num_tokens=TOK, num_prefix_tokens=1, num_classes=CLASSES)
+
+
+def test_fit_learns_and_loss_falls() -> None:
+    x, y = _blobs(256, seed=0)
+    vx, vy = _blobs(128, seed=1)
+    model = _lae()
+    res = fit(model, x, y, TrainParams(epochs=12, lr=1e-2, batch_size=32, patience=12), vx, vy)
+    losses = [row["loss"] for row in res.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert res.best_val_top1 is not None and res.best_val_top1 > 0.8  # chance is 0.25
+    assert top1(predict_logits(model, vx), vy) == pytest.approx(res.best_val_top1)  # best state was restored
+
+
+def test_fit_is_deterministic_for_a_seed() -> None:
+    x, y = _blobs(96, seed=0)
+    params = TrainParams(epochs=3, lr=5e-3, seed=7)
+    a, b, c = _lae(), _lae(), _lae()
+    fit(a, x, y, params)
+    fit(b, x, y, params)
+    fit(c, x, y, TrainParams(epochs=3, lr=5e-3, seed=8))
+    for (name, ta), tb, tc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values(),
+                                  strict=True):
+        torch.testing.assert_close(ta, tb, atol=0, rtol=0, msg=name)
+    assert any(not torch.equal(ta, tc) for ta, tc in zip(a.state_dict().values(), c.state_dict().values(),
+                                                           strict=True))
+
+
+def test_candidates_stop_early_independently() -> None:
+    x, y = _blobs(128, seed=0)
+    vx, vy = _blobs(64, seed=1)
+    noise = {"signal": x, "noise": np.random.default_rng(5).normal(size=x.shape).astype(np.float16)}
+    vnoise = {"signal": vx, "noise": np.random.default_rng(6).normal(size=vx.shape).astype(np.float16)}
+    models = {"signal": _lae(), "noise": _lae()}
+    res = fit_candidates(models, noise, y, TrainParams(epochs=20, lr=1e-2, patience=3), vnoise, vy)
+    assert res["signal"].best_val_top1 > res["noise"].best_val_top1 + 0.3
+    assert res["noise"].epochs_run == res["noise"].best_epoch + 3 < 20  # stopped 3 epochs after its best
+    for r in res.values():
+        assert len(r.history) == r.epochs_run
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"epochs": 0}, "--epochs"), ({"lr": 0.0}, "--lr"), ({"weight_decay": -1.0}, "--weight-decay"),
+    ({"label_smoothing": 1.0}, "--label-smoothing"), ({"patience": 0}, "--patience"), ({"batch_size": 0}, "--batch"),
+])
+def test_train_params_refuse_bad_values(kwargs: dict, match: str) -> None:
+    with pytest.raises(UsageError, match=match):
+        TrainParams(**kwargs)
+
+
+def test_train_request_refuses_contradictions(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="both --weights and --pretrained"):
+        TrainRequest(backbone="test_vit", train="t", val="v", out=tmp_path, weights="w", pretrained=True)
+    with pytest.raises(UsageError, match="--k auto chooses k on validation data"):
+        TrainRequest(backbone="test_vit", train="t", val=None, out=tmp_path, weights="w")
+    with pytest.raises(UsageError, match="--refit retrains on train \\+ val"):
+        TrainRequest(backbone="test_vit", train="t", val=None, out=tmp_path, weights="w", k=2, refit=True)
+    TrainRequest(backbone="test_vit", train="t", val=None, out=tmp_path, weights="w", method="linear")  # no k
+
+
+def _request(tiny_checkpoint: dict, digits_lists: dict[str, Path], tiny_weights: Path, out: Path,
+             **kw) -> TrainRequest:
+    base = {"backbone": "test_vit", "weights": str(tiny_weights), "img_size": 32, "train": str(digits_lists["train"]),
+            "val": str(digits_lists["val"]), "test": str(digits_lists["test"]), "out": out,
+            "cache_dir": Path(tiny_checkpoint["out"]) / "cache", "progress": False}
+    return TrainRequest(**{**base, **kw})
+
+
+def test_tiny_pipeline_learns_well_above_chance(tiny_checkpoint: dict) -> None:
+    assert tiny_checkpoint["k"] == 2 and tiny_checkpoint["method"] == "mist"
+    assert tiny_checkpoint["val_top1"] > 0.5 and tiny_checkpoint["test_top1"] > 0.5  # 10 classes: chance 0.1
+    assert tiny_checkpoint["cache_seconds"] > 0 and tiny_checkpoint["images"] == {"train": 800, "val": 200,
+                                                                                    "test": 797}
+
+
+def test_pipeline_is_deterministic_and_k_auto_searches(tiny_checkpoint, digits_lists, tiny_weights,
+                                                       tmp_path: Path) -> None:
+    params = TrainParams(epochs=3, lr=1e-2, seed=3)
+    reports = [run_training(_request(tiny_checkpoint, digits_lists, tiny_weights, tmp_path / f"r{i}", ks=(2, 4),
+                                     params=params), log=lambda _m: None) for i in range(2)]
+    a, b = reports
+    assert a["cache_seconds"] == 0.0  # the session cache served every split
+    assert a["k"] in (2, 4) and set(a["k_search"]) == {"2", "4"}
+    assert a["val_top1"] == max(r["val_top1"] for r in a["k_search"].values())
+    for key in ("k", "val_top1", "test_top1", "trainable_params", "k_search"):
+        assert a[key] == b[key], key
+    from safetensors.torch import load_file
+
+    wa = load_file(str(Path(a["checkpoint"]) / "edge.safetensors"))
+    wb = load_file(str(Path(b["checkpoint"]) / "edge.safetensors"))
+    assert all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+def test_refit_trains_on_train_plus_val(tiny_checkpoint, digits_lists, tiny_weights, tmp_path: Path) -> None:
+    logs: list[str] = []
+    report = run_training(_request(tiny_checkpoint, digits_lists, tiny_weights, tmp_path / "refit", k=2, refit=True,
+                                   params=TrainParams(epochs=6, lr=1e-2, seed=0)), log=logs.append)
+    best_epoch = report["k_search"]["2"]["best_epoch"]
+    assert report["refit"] is True and report["test_top1"] > 0.5
+    assert f"refit on train + val for {best_epoch} epochs (k=2)" in logs  # as many epochs as val said was best
+    from mist_kit.config import load_config
+
+    cfg = load_config(report["checkpoint"])
+    assert cfg.training["refit"] is True and cfg.method.k == 2 and cfg.metrics["test_top1"] == report["test_top1"]
+
+
+def test_linear_method_learns(tiny_checkpoint, digits_lists, tiny_weights, tmp_path: Path) -> None:
+    report = run_training(_request(tiny_checkpoint, digits_lists, tiny_weights, tmp_path / "lin", method="linear",
+                                   params=TrainParams(epochs=15, lr=3e-2, seed=0)), log=lambda _m: None)
+    assert report["k"] is None and report["method"] == "linear"
+    assert report["trainable_params"] == 64 * 10 + 10
+    assert report["test_top1"] > 0.3  # random-init backbone, final cls token only: well above 0.1 chance
