@@ -15,11 +15,12 @@ Transform = Callable[[np.ndarray], np.ndarray]
 
 
 class ArrayBatches:
-    """Batches of selected rows of one (possibly memory-mapped) array, re-iterable, as `{name: float32 batch}`."""
+    """Rows of one (possibly memory-mapped) array in ascending order, re-iterable, as `{name: float32 batch}`."""
 
     def __init__(self, array: np.ndarray, rows: np.ndarray, name: str = "features", batch_size: int = 32,
                  transform: Transform | None = None) -> None:
-        self.array, self.rows, self.name = array, np.asarray(rows), name
+        # rows are read in ascending order (sequential on the memmap); consumers pair outputs with np.sort(rows)
+        self.array, self.rows, self.name = array, np.sort(np.asarray(rows)), name
         self.batch_size, self.transform = max(1, int(batch_size)), transform
 
     def __len__(self) -> int:
@@ -27,7 +28,7 @@ class ArrayBatches:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for start in range(0, len(self.rows), self.batch_size):
-            idx = np.sort(self.rows[start: start + self.batch_size])  # sorted reads are sequential on the memmap
+            idx = self.rows[start: start + self.batch_size]
             batch = np.asarray(self.array[idx], dtype=np.float32)  # (b, T, D)
             if self.transform is not None:
                 batch = np.asarray(self.transform(batch), dtype=np.float32)

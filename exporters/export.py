@@ -133,6 +133,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
     opts = options or ExportOptions()
     if overrides:
         opts = ExportOptions(**{**asdict(opts), **overrides})
+    if opts.tflite:
+        from mist_kit.exporters.tflite import require_tflite
+
+        require_tflite()
     config, method = load_checkpoint(checkpoint)
     if method.input_kind != "gather":
         raise UsageError(f"method {config.method.name!r} consumes the backbone's final cls token, not a gather; "
@@ -197,13 +201,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
         top1_fp32 = float((pred[labels >= 0] == labels[labels >= 0]).mean()) if known else None  # type: ignore
         agreement, top1_int8, n_eval = 1.0, top1_fp32, len(emb)
 
-    tflite_bytes, tflite_report = None, None
-    if opts.tflite:
-        from mist_kit.exporters.tflite import export_tflite
-
-        tflite_bytes, tflite_report = export_tflite(method, data.calib, data.held_out, head, tokens, b.embed_dim,
-                                                    log)
-        problems += tflite_report.get("problems", [])
+    tflite_bytes, tflite_report = None, None  # --tflite stops in require_tflite() (see exporters/tflite.py)
 
     if codec.get("name", "fp32") != "fp32":  # the seam: codec fragments wrap the validated fp32/int8 cores
         cg = _codec_graphs()

@@ -114,11 +114,11 @@ def test_interrupted_build_resumes_where_it_stopped(backbone, small_list: Path, 
     real = featurize.run_backbone
     calls: list[int] = []
 
-    def crash_on_third_batch(model, pixels, ks):
+    def crash_on_third_batch(model, pixels, *args):
         calls.append(len(pixels))
         if len(calls) == 3:
             raise KeyboardInterrupt  # what Ctrl-C does mid-build
-        return real(model, pixels, ks)
+        return real(model, pixels, *args)
 
     monkeypatch.setattr(featurize, "run_backbone", crash_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
@@ -126,7 +126,7 @@ def test_interrupted_build_resumes_where_it_stopped(backbone, small_list: Path, 
     partial = next((tmp_path / "c").glob("*.partial"))
     assert int((np.load(partial / "status.npy") == 1).sum()) == 8  # two batches of 4 kept
     calls.clear()
-    monkeypatch.setattr(featurize, "run_backbone", lambda m, p, ks: (calls.append(len(p)), real(m, p, ks))[1])
+    monkeypatch.setattr(featurize, "run_backbone", lambda m, p, *a: (calls.append(len(p)), real(m, p, *a))[1])
     resumed, _, _, logs = _cache(backbone, images, tmp_path / "c")
     assert calls == [4] and any("8 of 12 images already done" in m for m in logs)
     assert not partial.exists()
@@ -153,3 +153,45 @@ def test_all_images_unreadable_is_an_error(backbone, tmp_path: Path) -> None:
     (tmp_path / "list.txt").write_text("bad.png 0\n")
     with pytest.raises(DataError, match="every image was unreadable"):
         _cache(backbone, load_image_list(tmp_path / "list.txt"), tmp_path / "c", skip_bad=True)
+
+
+def test_bf16_cache_lives_beside_fp32_and_stays_close(backbone, small_list: Path, tmp_path: Path) -> None:
+    images = load_image_list(small_list)
+    fp32, _, _, _ = _cache(backbone, images, tmp_path / "c", ks=(6,))
+    bf16, secs, _, logs = _cache(backbone, images, tmp_path / "c", ks=(6,), precision="bf16")
+    assert secs > 0 and not any("stale" in m for m in logs)  # its own directory: the fp32 cache is untouched
+    assert bf16.path != fp32.path and bf16.meta["binding"]["precision"] == "bf16"
+    assert "precision" not in fp32.meta["binding"]
+    a, b = np.asarray(fp32.gather(6), np.float32), np.asarray(bf16.gather(6), np.float32)
+    rel = np.linalg.norm(a - b) / np.linalg.norm(a)
+    assert 0 < rel < 0.03  # bfloat16 products: a small, nonzero difference
+    _, secs, _, _ = _cache(backbone, images, tmp_path / "c", ks=(6,))
+    assert secs == 0.0  # the fp32 cache still serves fp32 requests
+
+
+def test_a_second_builder_waits_for_the_first(backbone, small_list: Path, tmp_path: Path) -> None:
+    import fcntl
+    import threading
+
+    from mist_kit.cache import split_cache_dir
+
+    images = load_image_list(small_list)
+    path = split_cache_dir(tmp_path / "c", images.source)
+    path.parent.mkdir(parents=True)
+    lock = open(path.with_name(path.name + ".lock"), "a+")  # noqa: SIM115 - held across the thread's start
+    fcntl.flock(lock, fcntl.LOCK_EX)  # play "another process" building this split
+    logs: list[str] = []
+    done = threading.Event()
+
+    def second() -> None:
+        model, spec = backbone
+        cache_features(model, spec, images, tmp_path / "c", (2,), batch_size=4, progress=False, log=logs.append)
+        done.set()
+
+    worker = threading.Thread(target=second)
+    worker.start()
+    assert not done.wait(1.0)  # blocked on the lock, not writing the same .partial files
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    lock.close()
+    worker.join(60)
+    assert done.is_set() and any("another process is building it; waiting" in m for m in logs)

@@ -129,7 +129,7 @@ def test_spec_problems_are_one_codec_error(feats: np.ndarray) -> None:
         create_codec({**spec, "scale": spec["scale"][:5]})  # wrong scale count
     with pytest.raises(CodecError, match="positive"):
         create_codec({**spec, "scale": [0.0] * DIM})
-    with pytest.raises(CodecError, match="not calibrated|missing"):
+    with pytest.raises(CodecError, match=r"not calibrated|missing"):
         transform_for({"name": "int8-channel"})
     with pytest.raises(CodecError, match="tokens"):
         create_codec({**spec, "tokens": "many"})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -70,10 +72,8 @@ def test_garbage_bytes_raise_only_codec_error(codecs: list, blob: bytes, prefix_
     if prefix_real:  # a valid header start, so parsing goes deeper than the magic check
         blob = encode_payload(codec, codec.encode(np.ones((1, 17, 128), np.float32)) if codec.dim else
                               {"features": np.ones((1, 17, 128), np.float32)})[: len(blob) % 64] + blob
-    try:
+    with contextlib.suppress(CodecError):  # any other exception type fails the test
         decode_payload(codec, blob)
-    except CodecError:
-        pass
 
 
 @SETTINGS

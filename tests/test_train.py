@@ -51,8 +51,7 @@ def test_fit_is_deterministic_for_a_seed() -> None:
     fit(a, x, y, params)
     fit(b, x, y, params)
     fit(c, x, y, TrainParams(epochs=3, lr=5e-3, seed=8))
-    for (name, ta), tb, tc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values(),
-                                  strict=True):
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(ta, tb, atol=0, rtol=0, msg=name)
     assert any(not torch.equal(ta, tc) for ta, tc in zip(a.state_dict().values(), c.state_dict().values(),
                                                            strict=True))
@@ -71,9 +70,21 @@ def test_candidates_stop_early_independently() -> None:
         assert len(r.history) == r.epochs_run
 
 
+def test_prune_margin_stops_trailing_candidates_early() -> None:
+    x, y = _blobs(128, seed=0)
+    vx, vy = _blobs(64, seed=1)
+    feats = {"signal": x, "noise": np.random.default_rng(5).normal(size=x.shape).astype(np.float16)}
+    vfeats = {"signal": vx, "noise": np.random.default_rng(6).normal(size=vx.shape).astype(np.float16)}
+    params = TrainParams(epochs=8, lr=1e-2, patience=8, prune_margin=0.2, prune_after=2)
+    res = fit_candidates({"signal": _lae(), "noise": _lae()}, feats, y, params, vfeats, vy)
+    assert res["noise"].epochs_run == 2 and res["noise"].history[-1]["pruned"] == 1.0
+    assert res["signal"].epochs_run == 8  # the leader is never pruned
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"epochs": 0}, "--epochs"), ({"lr": 0.0}, "--lr"), ({"weight_decay": -1.0}, "--weight-decay"),
     ({"label_smoothing": 1.0}, "--label-smoothing"), ({"patience": 0}, "--patience"), ({"batch_size": 0}, "--batch"),
+    ({"prune_margin": 1.5}, "--prune-margin"), ({"prune_after": 0}, "--prune-after"),
 ])
 def test_train_params_refuse_bad_values(kwargs: dict, match: str) -> None:
     with pytest.raises(UsageError, match=match):

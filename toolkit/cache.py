@@ -156,9 +156,10 @@ class CacheWriter:
         return CachedSplit(self.final_path, self.meta)
 
 
-def split_cache_dir(cache_root: Path, source: str) -> Path:
-    """One directory per dataset source: readable name plus a short hash of its absolute path."""
+def split_cache_dir(cache_root: Path, source: str, precision: str = "fp32") -> Path:
+    """One directory per dataset source (readable name plus a short hash of its absolute path) and precision."""
     src = Path(source).resolve()
     tag = hashlib.sha256(str(src).encode()).hexdigest()[:8]
     stem = src.stem if src.is_file() else src.name
-    return cache_root / f"{stem}-{tag}"
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    return cache_root / f"{stem}-{tag}{suffix}"

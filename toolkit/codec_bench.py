@@ -98,6 +98,8 @@ def bench_codecs(codecs: Sequence[str] | None = None, *, checkpoint: str | Path 
             on_codec(name)
         rows.append({**measure(fitted[name], x), "top1": None, "top1_delta": None, "agreement": None,
                      "retrained": False, "jpeg_q90_bytes": None})
+    for row in rows:
+        row["source"] = "synthetic"
     return BenchResult(rows, "synthetic", (t, d), None,
                        [f"synthetic gather-like features [{n}, {t}, {d}] (no --checkpoint/--bundle): bytes, SNR and "
                         "speed only; accuracy needs a model and labelled data"])
@@ -156,5 +158,6 @@ def _bench_bundle(names: list[str], bundle: str | Path, data: str, on_codec: OnC
                                       base_pred, y_eval, base_top1))
         else:
             row["note"] = "changes the token layout: measure accuracy with --checkpoint (retrains the edge net)"
+        row["source"] = "bundle"
         rows.append(row)
     return BenchResult(rows, "bundle", (int(feats.shape[1]), int(feats.shape[2])), jpeg, notes)

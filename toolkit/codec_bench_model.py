@@ -68,19 +68,28 @@ def bench_checkpoint(names: list[str], checkpoint: str | Path, data: str, cache_
     prefix = config.backbone.num_prefix_tokens
     fields = {f.name for f in dataclasses.fields(TrainParams)}
     params = TrainParams(**{key: v for key, v in config.training.items() if key in fields})
+    refit = bool(config.training.get("refit"))
     own = create_codec(config.codec) if config.codec.get("tokens") else None
     notes = [f"checkpoint {checkpoint} (k={k}, trained for codec {config.codec.get('name', 'fp32')}); "
              f"{len(y_test)} evaluation images from {data}; codecs calibrated on {min(len(x_tr), 256)} training "
-             f"gathers"]
+             f"gathers; retrained edge networks follow the checkpoint's recipe"
+             f"{' (val early stopping, then refit on train + val)' if refit and val_src else ''}"]
 
     def retrained(codec: Any) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
         tf = None if codec is None or codec.lossless else codec.roundtrip
         tokens = codec.out_tokens if codec is not None else config.backbone.num_tokens
-        with torch.random.fork_rng():
-            torch.manual_seed(params.seed)
-            net = build_method(config, num_tokens=tokens)
-        fit(net, x_tr, y_tr, params, x_val, y_val, transform=tf)
+        def fresh() -> Any:
+            with torch.random.fork_rng():
+                torch.manual_seed(params.seed)
+                return build_method(config, num_tokens=tokens)
+
+        net = fresh()
+        res = fit(net, x_tr, y_tr, params, x_val, y_val, transform=tf)
+        if refit and x_val is not None:  # the checkpoint's own protocol: retrain on train + val for the best epochs
+            net = fresh()
+            fit(net, np.concatenate([x_tr, x_val]), np.concatenate([y_tr, y_val]),
+                dataclasses.replace(params, epochs=max(1, res.best_epoch)), transform=tf)
         return predict_logits(net, x_test, tf), time.perf_counter() - t0
 
     own_is_fp32 = own is None or own.lossless
@@ -110,6 +119,6 @@ def bench_checkpoint(names: list[str], checkpoint: str | Path, data: str, cache_
             row.update(retrained=True, train_seconds=round(secs, 1))
         else:
             logits = predict_logits(model, x_test, codec.roundtrip)
-        row.update(_agreement_row(logits, base_pred, y_test, base_top1))
+        row.update(_agreement_row(logits, base_pred, y_test, base_top1), source="checkpoint")
         rows.append(row)
     return BenchResult(rows, "checkpoint", (int(x_test.shape[1]), int(x_test.shape[2])), jpeg, notes)

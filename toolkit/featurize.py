@@ -6,8 +6,9 @@ Pillow releases the GIL while decoding). Ctrl-C keeps every finished batch; the 
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from mist_kit.backbone import run_backbone
-from mist_kit.cache import CachedSplit, CacheWriter, open_complete, split_cache_dir
+from mist_kit.cache import DONE, CachedSplit, CacheWriter, open_complete, split_cache_dir
 from mist_kit.config import BackboneSpec
 from mist_kit.data import ImageList, load_pixels
 from mist_kit.errors import DataError
@@ -24,9 +25,15 @@ from mist_kit.errors import DataError
 Log = Callable[[str], None]
 
 
-def cache_binding(spec: BackboneSpec, images: ImageList, ks: tuple[int, ...]) -> dict:
-    """Everything the cached numbers depend on; any change makes the cache stale."""
+def cache_binding(spec: BackboneSpec, images: ImageList, ks: tuple[int, ...], precision: str = "fp32") -> dict:
+    """Everything the cached numbers depend on; any change makes the cache stale.
+
+    The reference precision fp32 adds no field, so fp32 caches stay valid and other readers that compare
+    binding fields (calibration) see the same dict as before; bf16 caches carry `"precision": "bf16"`.
+    """
+    extra = {} if precision == "fp32" else {"precision": precision}
     return {
+        **extra,
         "backbone": spec.name,
         "weights_sha256": spec.weights_sha256,
         "img_size": spec.img_size,
@@ -57,17 +64,56 @@ def _load_batch(images: ImageList, rows: np.ndarray, spec: BackboneSpec, skip_ba
 
 def cache_features(model: nn.Module, spec: BackboneSpec, images: ImageList, cache_root: Path,
                    ks: tuple[int, ...], *, batch_size: int = 32, skip_bad: bool = False, progress: bool = True,
-                   log: Log = print) -> tuple[CachedSplit, float, int]:
-    """Return (cache, seconds spent computing, images skipped) for `images`, computing only what is missing."""
-    binding = cache_binding(spec, images, ks)
-    path = split_cache_dir(Path(cache_root), images.source)
+                   log: Log = print, precision: str = "fp32") -> tuple[CachedSplit, float, int]:
+    """Return (cache, seconds spent computing, images skipped) for `images`, computing only what is missing.
+
+    `precision` is the backbone's compute precision (see `run_backbone`); caches of different precisions live
+    side by side (a bf16 cache never serves an fp32 request, nor the reverse).
+    """
+    binding = cache_binding(spec, images, ks, precision)
+    path = split_cache_dir(Path(cache_root), images.source, precision)
     cached, reason = open_complete(path, binding)
     if cached is not None:
         skipped = int(len(images) - len(cached.valid()))
         log(f"cache hit: {path} ({len(images)} images)")
         return cached, 0.0, skipped
-    if reason:
-        log(f"cache {path}: {reason}; rebuilding")
+    with build_lock(path, log):
+        cached, reason = open_complete(path, binding)  # another process may have finished it while we waited
+        if cached is not None:
+            log(f"cache hit: {path} (built by another process)")
+            return cached, 0.0, int(len(images) - len(cached.valid()))
+        if reason:
+            log(f"cache {path}: {reason}; rebuilding")
+        return _build(model, spec, images, path, binding, ks, batch_size, skip_bad, progress, log, precision)
+
+
+@contextlib.contextmanager
+def build_lock(path: Path, log: Log) -> Iterator[None]:
+    """Exclusive lock on one split's cache while it is built: two runs sharing a cache directory would otherwise
+    write the same `.partial` files. The second waits, then finds the finished cache. (POSIX flock; the lock file
+    stays, empty, beside the cache.)"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+") as fh:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - non-POSIX: no locking, as before
+            yield
+            return
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"cache {path}: another process is building it; waiting")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build(model: nn.Module, spec: BackboneSpec, images: ImageList, path: Path, binding: dict,
+           ks: tuple[int, ...], batch_size: int, skip_bad: bool, progress: bool, log: Log,
+           precision: str) -> tuple[CachedSplit, float, int]:
+    """Fill (or resume) the cache at `path`; the caller holds its build lock."""
     writer = CacheWriter(path, binding, images.classes, np.asarray(images.labels), spec.num_tokens, spec.embed_dim)
     todo = writer.pending()
     if len(todo) < len(images):
@@ -85,16 +131,15 @@ def cache_features(model: nn.Module, spec: BackboneSpec, images: ImageList, cach
                 log(f"skipping unreadable image {images.paths[r]}")
                 writer.skip(r)
             if ok_rows:
-                out = run_backbone(model, torch.from_numpy(np.stack(pixels)), tuple(ks))
+                out = run_backbone(model, torch.from_numpy(np.stack(pixels)), tuple(ks), precision)
                 writer.write(np.asarray(ok_rows), {k: v.numpy() for k, v in out.gathers.items()},
                              out.final_cls.numpy())
             bar.advance(len(batches[i]))
     seconds = time.perf_counter() - start
-    split = writer.publish()
-    skipped = int(len(images) - len(split.valid()))
-    if skipped == len(images):
+    if not (writer.status == DONE).any():  # never publish a cache with no features: it would "hit" next time
         raise DataError(f"{images.source}: every image was unreadable")
-    return split, seconds, skipped
+    split = writer.publish()
+    return split, seconds, int(len(images) - len(split.valid()))
 
 
 class _Bar:

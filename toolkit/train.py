@@ -2,7 +2,9 @@
 
 Several candidates (one per k) train in one loop over the same shuffled batches, each with its own optimiser,
 and each stops when its validation top-1 has not improved for `patience` epochs. That is MIST's k selection on
-validation data at the cost of one training run per candidate, with no extra backbone passes.
+validation data at the cost of one training run per candidate, with no extra backbone passes. With
+`prune_margin`, a candidate whose best val top-1 trails the leader's by more than the margin after `prune_after`
+epochs is stopped at once (successive halving): collapsed candidates stop costing epochs.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class TrainParams:
     label_smoothing: float = 0.0
     patience: int = 8
     seed: int = 0
+    prune_margin: float | None = None  # stop a candidate trailing the best val top-1 by more than this
+    prune_after: int = 3  # ... once it has trained this many epochs
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -51,6 +55,10 @@ class TrainParams:
             raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.patience < 1:
             raise UsageError(f"--patience must be >= 1, got {self.patience}")
+        if self.prune_margin is not None and not 0 <= self.prune_margin <= 1:
+            raise UsageError(f"--prune-margin must be in [0, 1] (a top-1 fraction), got {self.prune_margin}")
+        if self.prune_after < 1:
+            raise UsageError(f"--prune-after must be >= 1, got {self.prune_after}")
 
 
 @dataclass
@@ -140,7 +148,7 @@ def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hasha
                     loss.backward()
                     opts[key].step()
                     scheds[key].step()
-                    losses[key] += float(loss) * len(idx) / n
+                    losses[key] += float(loss.detach()) * len(idx) / n
             report: dict[Hashable, dict[str, float]] = {}
             for key in list(active):
                 res = results[key]
@@ -158,6 +166,12 @@ def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hasha
                     res.best_epoch, res.state = epoch, copy.deepcopy(models[key].state_dict())
                 res.history.append(row)
                 report[key] = row
+            if params.prune_margin is not None and epoch >= params.prune_after and len(active) > 1:
+                leader = max(results[key].best_val_top1 or 0.0 for key in models)
+                for key in list(active):
+                    if (results[key].best_val_top1 or 0.0) < leader - params.prune_margin:
+                        active.discard(key)
+                        report[key]["pruned"] = 1.0
             if on_epoch is not None:
                 on_epoch(epoch, report)
             if not active:

@@ -182,7 +182,7 @@ def litert_smoke() -> dict[str, Any]:
 
 
 def _mist(*args: str, timeout: int = 3000) -> subprocess.CompletedProcess[str]:
-    cmd = ["nice", "-n", "10", str(MIST), *args]
+    cmd = [str(MIST), *args]  # run_aarch64.sh already runs everything at nice 10
     log("$ mist-kit " + " ".join(args))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, cwd=REPO)
     if proc.returncode != 0:
@@ -345,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-report", action="store_true", help="do not write BENCHMARKS.md")
     ap.add_argument("--no-finetune", action="store_true")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the bundle and features files")
+    ap.add_argument("--bundle", help="use this bundle instead of building one (with --features)")
+    ap.add_argument("--features", help="features file for --bundle")
+    ap.add_argument("--finetune-features", help="labelled features file to fine-tune on (with --bundle)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     why = root_ready()
@@ -360,7 +363,13 @@ def main(argv: list[str] | None = None) -> int:
         summary["smoke"] = {k: v for k, v in sm.items() if k not in ("x86", "aarch64")}
         summary["litert"] = lt
     if args.step in ("prepare", "runtime", "all"):
-        info = prepare(force=args.rebuild)
+        if args.bundle:
+            if not args.features:
+                ap.error("--bundle needs --features")
+            info = {"bundle": args.bundle, "features": args.features, "finetune_features": args.finetune_features,
+                    "manifest": json.loads((Path(args.bundle) / "manifest.json").read_text())}
+        else:
+            info = prepare(force=args.rebuild)
         summary["prepare_seconds"] = info.get("seconds")
         if args.step != "prepare":
             rt = runtime(info, finetune=not args.no_finetune)

@@ -42,7 +42,8 @@ def _cloud_batches(url: str, images: str, manifest: dict[str, Any], batch: int, 
                        for lab in data.labels], dtype=np.int64)
     for start in range(0, len(data.paths), CLOUD_CHUNK):
         paths = data.paths[start:start + CLOUD_CHUNK]
-        tensors = fetch_features(url, list(paths), manifest, token=token, batch=batch, log=log)
+        # cloud requests carry up to 8 images whatever the edge batch: one round trip per image wastes the uplink
+        tensors = fetch_features(url, list(paths), manifest, token=token, batch=max(batch, 8), log=log)
         for s in range(0, len(paths), batch):
             yield Batch([str(p) for p in paths[s:s + batch]], {k: v[s:s + batch] for k, v in tensors.items()},
                         labels[start + s:start + s + len(paths[s:s + batch])])

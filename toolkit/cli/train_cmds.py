@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -9,6 +10,13 @@ import typer
 from rich.table import Table
 
 from mist_kit.cli.common import cli_errors, console, logger, parse_ints, parse_triple, print_json
+
+
+class Precision(str, Enum):
+    """Backbone compute precision while caching features (a closed choice)."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 def register(app: typer.Typer) -> None:
@@ -40,12 +48,18 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 1e-2,
     patience: Annotated[int, typer.Option(help="Early stopping: epochs without val improvement")] = 8,
     label_smoothing: Annotated[float, typer.Option(help="Cross-entropy label smoothing")] = 0.0,
+    prune_margin: Annotated[float | None, typer.Option(
+        help="k search: stop a candidate whose val top-1 trails the best by more than this (e.g. 0.1)")] = None,
+    prune_after: Annotated[int, typer.Option(help="k search: epochs before --prune-margin applies")] = 3,
     dropout: Annotated[float, typer.Option(help="mist dropout on the pooled embedding")] = 0.0,
     refit: Annotated[bool, typer.Option("--refit", help="Retrain the chosen k on train + val")] = False,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root (default OUT/cache)")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (counted)")] = False,
     backbone_batch: Annotated[int, typer.Option(help="Images per backbone batch while caching")] = 32,
+    backbone_precision: Annotated[Precision, typer.Option(
+        help="Backbone compute precision while caching: fp32 (reference) or bf16 (~10x faster on AMX CPUs, "
+             "~0.3% feature error)")] = Precision.fp32,
     codec: Annotated[str, typer.Option(help="Feature codec the device will receive (see `mist-kit codec list`); "
                                             "calibrated on --train, the edge network is trained on its round "
                                             "trip")] = "fp32",
@@ -73,8 +87,10 @@ def train(
         mean=parse_triple(mean, "--mean"), std=parse_triple(std, "--std"), method=method, k=k_value,
         ks=parse_ints(ks, "--ks"), method_params=method_params,
         params=TrainParams(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                           patience=patience, label_smoothing=label_smoothing, seed=seed),
-        refit=refit, cache_dir=cache_dir, skip_bad=skip_bad, backbone_batch=backbone_batch, progress=not json_out,
+                           patience=patience, label_smoothing=label_smoothing, seed=seed,
+                           prune_margin=prune_margin, prune_after=prune_after),
+        refit=refit, cache_dir=cache_dir, skip_bad=skip_bad, backbone_batch=backbone_batch,
+        backbone_precision=backbone_precision.value, progress=not json_out,
     )
     from mist_kit.runtime.codec import codec_params, parse_codec_name
 
@@ -101,13 +117,16 @@ def evaluate(
     weights: Annotated[Path | None, typer.Option(help="Backbone weights if moved since training")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (counted)")] = False,
+    backbone_precision: Annotated[Precision | None, typer.Option(
+        help="Backbone precision for uncached images (default: the one the checkpoint trained with)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout")] = False,
 ) -> None:
     """Top-1 accuracy of a checkpoint on labelled data."""
     from mist_kit.pipeline import run_evaluation
 
     report = run_evaluation(checkpoint, data, cache_dir=cache_dir, weights=str(weights) if weights else None,
-                            skip_bad=skip_bad, progress=not json_out, log=logger(json_out))
+                            skip_bad=skip_bad, progress=not json_out, log=logger(json_out),
+                            precision=backbone_precision.value if backbone_precision else None)
     if json_out:
         print_json(report)
     else:
