@@ -78,8 +78,10 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
          "enc MB/s", "dec MB/s"],
         [[f"`{r['codec']}`", f"{r['bytes_per_image']:,}", f"{r['bytes_per_image_zstd']:,.0f}",
           f"{r['ratio_vs_fp32']:.1f}x", "lossless" if r["snr_db"] is None else f"{r['snr_db']:.1f}",
-          f"{r['cosine']:.4f}", _pt(r["top1"]), _pt(r["top1_delta"], True), f"{r['agreement']:.4f}",
-          f"retrained ({r['train_seconds']:.0f} s)" if r.get("retrained") else "checkpoint's",
+          f"{r['cosine']:.4f}", _pt(r["top1"]), _pt(r["top1_delta"], True),
+          "-" if r["agreement"] is None else f"{r['agreement']:.4f}",
+          f"retrained ({r['train_seconds']:.0f} s)" if r.get("retrained") else
+          ("checkpoint's" if r["top1"] is not None else "-"),
           f"{r['encode_mb_s']:.0f}", f"{r['decode_mb_s']:.0f}"] for r in rows])
     jpeg = meta.get("jpeg_q90_bytes")
     best = choose_default(rows)
@@ -98,6 +100,12 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def bench_codecs_features(names: list[str], x: Any) -> Any:
+    from mist_kit.codec_bench import bench_codecs
+
+    return bench_codecs(names, features=x, num_prefix_tokens=1, log=lambda m: print(m, file=sys.stderr))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=str(WORK / "mist" / "checkpoint"))
@@ -105,11 +113,31 @@ def main() -> None:
     ap.add_argument("--codecs", default=None, help="comma-separated (default: all registered)")
     ap.add_argument("--retrain", default="auto", choices=("auto", "all"))
     ap.add_argument("--render-only", action="store_true", help="rebuild the section from codec_rows.json")
+    ap.add_argument("--features-only", metavar="SPLIT", default=None,
+                    help="no model: bytes/SNR/speed on a cached split's gathers (e.g. val200), with --k")
+    ap.add_argument("--k", type=int, default=12)
     args = ap.parse_args()
     from mist_kit.atomic import write_json
 
     store = json.loads(ROWS.read_text()) if ROWS.is_file() else {"rows": {}, "meta": {}}
-    if not args.render_only:
+    if args.features_only:
+        import numpy as np
+
+        from mist_kit.codec_bench import jpeg_q90_bytes
+        from mist_kit.data import load_image_list
+        from mist_kit.runtime.codec import list_codecs
+
+        cache = next((WORK / "cache").glob(f"{args.features_only}-*"))
+        x = np.asarray(np.load(cache / f"g{args.k}.npy", mmap_mode="r"), dtype=np.float32)
+        names = [c for c in (args.codecs or ",".join(list_codecs())).split(",") if c]
+        result = bench_codecs_features(names, x)
+        jpeg = jpeg_q90_bytes(list(load_image_list(DATA / f"{args.features_only}.txt").paths), 224)
+        store["meta"].update(jpeg_q90_bytes=jpeg, order=list_codecs(),
+                             note=f"Features only (no accuracy measured): real Caltech-101 gathers g_{args.k} of "
+                                  f"{args.features_only} from the feature cache; " + " ".join(result.notes))
+        store["rows"] = {r["codec"]: r for r in result.rows}
+        write_json(ROWS, store)
+    elif not args.render_only:
         if not (WORK / "READY").is_file():
             sys.exit(f"error: {WORK / 'READY'} missing: the Caltech MIST checkpoint and caches are not ready yet")
         from mist_kit.codec_bench import bench_codecs

@@ -105,5 +105,6 @@ def memory_exceeded(emu: Emulation, what: str) -> ResourceLimitError:
 def looks_like_oom(exc: BaseException) -> bool:
     """onnxruntime reports a failed allocation as a generic RuntimeError/Fail; recognise it by its text."""
     text = str(exc).lower()
-    return isinstance(exc, MemoryError) or any(s in text for s in ("bad_alloc", "failed to allocate",
-                                                                   "out of memory", "cannot allocate memory"))
+    needles = ("bad_alloc", "failed to allocate", "out of memory", "cannot allocate memory", "unable to allocate",
+               "resource temporarily unavailable", "pthread_create", "failed to create thread")
+    return isinstance(exc, MemoryError) or any(s in text for s in needles)

@@ -73,7 +73,8 @@ def _fit_all(names: Sequence[str], calib: np.ndarray, prefix: int) -> dict[str, 
 def bench_codecs(codecs: Sequence[str] | None = None, *, checkpoint: str | Path | None = None,
                  bundle: str | Path | None = None, data: str | Path | None = None,
                  cache_dir: Path | None = None, weights: str | None = None, retrain: str = "auto",
-                 synthetic_shape: tuple[int, int, int] = (32, 257, 384), on_codec: OnCodec | None = None,
+                 synthetic_shape: tuple[int, int, int] = (32, 257, 384), features: np.ndarray | None = None,
+                 num_prefix_tokens: int = 1, on_codec: OnCodec | None = None,
                  log: Log = print) -> BenchResult:
     """Measure `codecs` (default: all registered) on the chosen feature source; see the module docstring."""
     names = list(codecs or list_codecs())
@@ -83,6 +84,17 @@ def bench_codecs(codecs: Sequence[str] | None = None, *, checkpoint: str | Path 
         raise UsageError("cannot use both --checkpoint and --bundle; pick the model to measure accuracy with")
     if (checkpoint is not None or bundle is not None) and data is None:
         raise UsageError("--checkpoint/--bundle measure accuracy on labelled data: pass --data DATA")
+    if features is not None:  # real features without a model: bytes, fidelity and speed only
+        x = np.asarray(features, dtype=np.float32)
+        fitted = _fit_all(names, x[::2], num_prefix_tokens)  # calibrate on even rows, measure on odd rows
+        rows = []
+        for name in names:
+            if on_codec:
+                on_codec(name)
+            rows.append({**measure(fitted[name], x[1::2][:MEASURE_IMAGES]), "top1": None, "top1_delta": None,
+                         "agreement": None, "retrained": False, "jpeg_q90_bytes": None, "source": "features"})
+        return BenchResult(rows, "features", (int(x.shape[1]), int(x.shape[2])), None,
+                           [f"given features {list(x.shape)}: codecs calibrated on even rows, measured on odd rows"])
     if checkpoint is not None:
         from mist_kit.codec_bench_model import bench_checkpoint
 
