@@ -178,6 +178,7 @@ def main() -> None:
     images = [p.read_bytes() for p in paths]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    loadavg = round(os.getloadavg()[0], 1)
     log = ROOT / "bench/work/serve_load.server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     proc = start_server(args.bundle, port, args.max_batch, args.threads, 4 * args.clients, log)
@@ -195,7 +196,8 @@ def main() -> None:
     pixels = np.stack([load_pixels(p, size, manifest["input"]["mean"], manifest["input"]["std"])
                        for p in (paths * args.max_batch)[: args.max_batch]])
     cmp = ort_vs_torch(args.bundle, args.checkpoint, pixels, args.threads)
-    report = {"bundle": str(args.bundle), "model": manifest["model_name"], "backbone": manifest["backbone"]["name"],
+    report = {"bundle": str(args.bundle), "images": str(args.images), "loadavg": loadavg,
+              "model": manifest["model_name"], "backbone": manifest["backbone"]["name"],
               "k": manifest["k"], "img_size": size, "clients": args.clients, "duration_s": args.duration,
               "max_batch": args.max_batch, "threads": args.threads, "load": result, "ort_vs_torch": cmp}
     print(json.dumps(report, indent=1))
@@ -216,8 +218,9 @@ def write_section(r: dict[str, Any], args: argparse.Namespace) -> None:
         ["cloud half", "batch", "threads", "images/s", "vs torch"],
         [["onnxruntime (cloud.onnx)", c["batch"], c["threads"], c["ort_img_s"], f"{c['ratio']}x"],
          ["torch (GatherModel)", c["batch"], c["threads"], c["torch_img_s"], "1.0x"]])
-    body = (f"`serve-cloud` on loopback, one JPEG per request (real test images, sent as they are), server "
-            f"--max-batch {r['max_batch']} --threads {r['threads']}; the load generator shares the machine.\n\n"
+    body = (f"`serve-cloud` on loopback, one image per request (real files from {r['images']}, sent as they are), "
+            f"server --max-batch {r['max_batch']} --threads {r['threads']}; the load generator shares the machine "
+            f"(1-minute load average {r['loadavg']} at the start of the run).\n\n"
             f"{load_table}\n\nThroughput of the cloud half on the same preprocessed images (goal >= 2x; codec "
             f"{c['codec']}; max abs diff ORT vs torch {c['max_abs_err']}):\n\n{cmp_table}\n")
     if args.note:

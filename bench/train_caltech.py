@@ -179,22 +179,32 @@ def main() -> None:
     weights = ensure_weights(ROOT / "bench" / "work" / "dinov2_vits14.safetensors")
     mist_method = json.loads(args.mist_method)
     linear = train("linear", args, weights, json.loads(args.linear), {}, work / "bench-linear")
-    if args.mist_report is not None:
-        mist = reuse(args.mist_report, args)
-        mist_method = {k: v for k, v in mist["settings"].items() if k in ("pool", "dropout", "rank", "depth")}
-    else:
-        mist = train("mist", args, weights, json.loads(args.mist), mist_method, work / "bench-mist")
 
     from mist_kit.data import load_image_list
 
     train_images = list(load_image_list(Path(args.data) / "train800val200.txt").paths)
     subset = train_images[: args.timing_subset]
     per_image = {p: time_backbone(weights, subset, p) for p in ("fp32", "bf16")}
+    if args.mist_report is not None:
+        wait_for(args.mist_report)
+        mist = reuse(args.mist_report, args)
+        mist_method = {k: v for k, v in mist["settings"].items() if k in ("pool", "dropout", "rank", "depth")}
+    else:
+        mist = train("mist", args, weights, json.loads(args.mist), mist_method, work / "bench-mist")
     cached_epoch, in_loop_epoch = time_epochs(weights, work / "cache", str(Path(args.data) / "train800.txt"),
                                               int(mist["k"]), args.precision, mist_method, args.timing_subset)
     n_train = len(train_images)
     pass_seconds = {p: s * n_train for p, s in per_image.items()}
     write_section(args, linear, mist, pass_seconds, cached_epoch, in_loop_epoch)
+
+
+def wait_for(report: Path, timeout_s: float = 3600) -> None:
+    """Block until a concurrently running `mist-kit train --json > REPORT` has written its one JSON line."""
+    deadline = time.monotonic() + timeout_s
+    while not (report.is_file() and report.read_text().strip().endswith("}")):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{report}: no finished JSON report after {timeout_s:.0f} s")
+        time.sleep(10)
 
 
 def write_section(args: argparse.Namespace, linear: dict, mist: dict, pass_seconds: dict[str, float],

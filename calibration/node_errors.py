@@ -58,7 +58,7 @@ def _rows(batches: Iterable[dict[str, np.ndarray]], rows: int) -> Iterable[np.nd
 def node_error_table(fp32: onnx.ModelProto, quant: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]],
                      spec: QuantSpec, rows: int = 4) -> list[NodeError]:
     """Rank the fp32 graph's nodes of `spec.op_types` by SQNR lost across the node (worst first)."""
-    from mist_kit.exporters.cloud_onnx import ort_session
+    from mist_kit.exporters.onnx_utils import ort_session
 
     inits = {i.name for i in fp32.graph.initializer} | {i.name for i in fp32.graph.input}  # never exposed
     nodes = [n for n in fp32.graph.node if n.op_type in spec.op_types]

@@ -11,16 +11,14 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from mist_kit.errors import DependencyError, ExportError
-from mist_kit.exporters.onnx_utils import signature
+from mist_kit.errors import ExportError
+from mist_kit.exporters.onnx_utils import ort_session, signature
 
 PIXELS = "pixel_values"
 FEATURES = "features"
@@ -113,17 +111,3 @@ def cloud_parity_model(model: onnx.ModelProto, gather: nn.Module, pixels: np.nda
         problems.append(f"cloud.onnx differs from torch: max abs err {max_abs:.3g} > {CLOUD_MAX_ABS:g} and max rel "
                         f"err {max_rel:.3g} > {CLOUD_MAX_REL:g}")
     return CloudParity(max_abs, max_rel, len(pixels), problems)
-
-
-def ort_session(path: Path | bytes, threads: int = 1) -> Any:
-    """A CPU onnxruntime session (one intra-op thread unless asked: reproducible and fair to shared hosts)."""
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:  # pragma: no cover - core dependency
-        raise DependencyError(f"onnxruntime is not installed ({exc})") from None
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    src = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])

@@ -13,6 +13,7 @@ from typing import Any
 import onnx
 
 from mist_kit.atomic import atomic_path
+from mist_kit.errors import DependencyError
 
 INT8_OPS = frozenset({"QLinearMatMul", "QLinearConv", "QLinearAdd", "QLinearMul", "MatMulInteger",
                       "ConvInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",
@@ -78,3 +79,17 @@ def set_batch_dim(model: onnx.ModelProto, name: str = "batch") -> onnx.ModelProt
             dims[0].Clear()
             dims[0].dim_param = name
     return model
+
+
+def ort_session(path: Path | bytes, threads: int = 1) -> Any:
+    """A CPU onnxruntime session (one intra-op thread unless asked: reproducible and fair to shared hosts)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - core dependency
+        raise DependencyError(f"onnxruntime is not installed ({exc})") from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    src = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])

@@ -27,8 +27,7 @@ from mist_kit.calibration.modes import CalibMethod, QuantFormat, QuantMode, Quan
 from mist_kit.calibration.node_errors import NodeError, node_error_table
 from mist_kit.calibration.reader import FeatureReader
 from mist_kit.errors import ExportError
-from mist_kit.exporters.cloud_onnx import ort_session
-from mist_kit.exporters.onnx_utils import INT8_COMPUTE_OPS, int8_op_counts, op_counts
+from mist_kit.exporters.onnx_utils import INT8_COMPUTE_OPS, int8_op_counts, op_counts, ort_session
 
 Log = Callable[[str], None]
 Batches = Iterable[dict[str, np.ndarray]]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mist_kit.exporters.cloud_onnx import ort_session
+from mist_kit.exporters.onnx_utils import ort_session
 
 
 def run_chain(bundle: Path, manifest: dict[str, Any], pixels: np.ndarray, edge_key: str = "file") -> np.ndarray:

@@ -192,3 +192,13 @@ def test_huge_claimed_shape_allocates_nothing() -> None:
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert peak < 1 << 20
+
+
+def test_runtime_codec_never_imports_torch_timm_or_onnx() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, mist_kit.runtime.codec, mist_kit.runtime.codec.bench, mist_kit.runtime.codec.extract; "
+            "print(sorted(m for m in ('torch', 'timm', 'onnx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

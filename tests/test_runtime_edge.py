@@ -174,3 +174,26 @@ def test_devices_check_on_bundle(edge_env):
     code, out, _ = _cli("devices", "check", str(edge_env["bundle"]), "--device", "rpi4", "--memory", "230",
                         "--json")
     assert code == 1 and json.loads(out)["verdict"].startswith("does not fit")
+
+
+def test_run_edge_from_cloud_equals_features_file(edge_env, digits_lists, tmp_path):
+    pytest.importorskip("uvicorn")
+    from mist_kit.runtime.v2_server import serve_in_thread
+
+    subset = tmp_path / "subset.txt"
+    lines = Path(digits_lists["test"]).read_text().splitlines()[:24]
+    base = Path(digits_lists["test"]).parent
+    subset.write_text("\n".join(str(base / ln.split()[0]) + " " + ln.split()[1] for ln in lines) + "\n")
+    shutil.copy(base / "classes.txt", tmp_path / "classes.txt")  # labels map to the bundle's classes by name
+    local = tmp_path / "subset.safetensors"
+    from mist_kit.runtime.codec.extract import extract
+
+    extract(edge_env["bundle"], subset, local)
+    with serve_in_thread(edge_env["bundle"]) as url:
+        code, out, err = _cli("run-edge", "--device", "rpi4", "--bundle", str(edge_env["bundle"]), "--cloud", url,
+                              "--images", str(subset), "--batch", "8", "--json", "--no-cap")
+    assert code == 0, err
+    cloud = json.loads(out)
+    ref = run_edge(edge_env["bundle"], local, batch=8, apply_caps=False)
+    assert [p["index"] for p in cloud["predictions"]] == [p["index"] for p in ref["predictions"]]
+    assert cloud["images"] == 24 and cloud["top1"] == ref["top1"]

@@ -107,7 +107,7 @@ def test_tritonclient_infer_binary_outputs_equal_cloud_onnx(url: str, model: Clo
     for name, ref in zip(model.output_names, direct(model, images[:3]), strict=True):
         got = result.as_numpy(name)
         assert got.dtype == ref.dtype and got.shape == ref.shape
-        np.testing.assert_allclose(got.astype(np.float32), ref.astype(np.float32), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got.astype(np.float32), ref.astype(np.float32), rtol=1e-4, atol=1e-4)
     # pixel_values in, JSON (non-binary) out: the other half of the protocol
     m = model.manifest["input"]
     px = np.stack([preprocess(decode_image(b, "x"), m["size"], m["mean"], m["std"]) for b in images[3:5]])
@@ -118,7 +118,7 @@ def test_tritonclient_infer_binary_outputs_equal_cloud_onnx(url: str, model: Clo
     assert "binary_data_size" not in (result.get_response()["outputs"][0].get("parameters") or {})
     ref = direct(model, images[3:5])[0]
     np.testing.assert_allclose(result.as_numpy(model.output_names[0]).astype(np.float32), ref.astype(np.float32),
-                               rtol=1e-5, atol=1e-5)
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_tritonclient_auth_and_bad_input(url: str, model: CloudModel, images: list[bytes]) -> None:
@@ -149,11 +149,11 @@ def test_our_client_equals_cloud_onnx(url: str, model: CloudModel, manifest: dic
     refs = direct(model, images)
     for name, ref in zip(model.output_names, refs, strict=True):
         assert feats[name].shape == ref.shape and feats[name].dtype == ref.dtype
-        np.testing.assert_allclose(feats[name].astype(np.float32), ref.astype(np.float32), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(feats[name].astype(np.float32), ref.astype(np.float32), rtol=1e-4, atol=1e-4)
     # pixel_values mode (what the client sends to Triton): preprocessing on the device, same features
     local = fetch_features(url, paths, manifest, token=TOKEN, batch=3, send="pixel_values")
     for name, ref in zip(model.output_names, refs, strict=True):
-        np.testing.assert_allclose(local[name].astype(np.float32), ref.astype(np.float32), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(local[name].astype(np.float32), ref.astype(np.float32), rtol=1e-4, atol=1e-4)
 
 
 def test_our_client_errors(url: str, manifest: dict, images: list[bytes]) -> None:
