@@ -173,6 +173,8 @@ def main() -> None:
     from mist_kit.data import load_image_list, load_pixels
 
     manifest = json.loads((args.bundle / "manifest.json").read_text())
+    if not (args.checkpoint / "config.json").is_file():
+        raise SystemExit(f"--checkpoint {args.checkpoint}: no config.json; the torch comparison needs the checkpoint")
     data = load_image_list(args.images)
     paths = list(data.paths[: args.n_images])
     images = [p.read_bytes() for p in paths]
@@ -192,6 +194,7 @@ def main() -> None:
     finally:
         stop_server(proc)
     result["mean_batch"] = round(stats["inference_count"] / max(1, stats["execution_count"]), 2)
+    print(json.dumps({"load": result}), flush=True)
     size = manifest["input"]["size"]
     pixels = np.stack([load_pixels(p, size, manifest["input"]["mean"], manifest["input"]["std"])
                        for p in (paths * args.max_batch)[: args.max_batch]])

@@ -69,6 +69,15 @@ def _limit_malloc_arenas(count: int = 2) -> None:
         libc.mallopt(_M_ARENA_MAX, count)
 
 
+def _warm_blas() -> None:
+    """Let OpenBLAS allocate its per-thread buffers before the cap: it retries and aborts (no MemoryError) when
+    they cannot be mapped later, which would bypass the one-line error."""
+    import numpy as np
+
+    a = np.ones((512, 512), np.float32)
+    _ = a @ a
+
+
 @contextlib.contextmanager
 def device_caps(profile: DeviceProfile, memory_cap_mb: int | None = None,
                 apply_cap: bool = True) -> Iterator[Emulation]:
@@ -89,6 +98,7 @@ def device_caps(profile: DeviceProfile, memory_cap_mb: int | None = None,
     if hard != resource.RLIM_INFINITY and limit > hard:
         limit = hard
     _limit_malloc_arenas()
+    _warm_blas()
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     try:
         yield emu
@@ -106,5 +116,5 @@ def looks_like_oom(exc: BaseException) -> bool:
     """onnxruntime reports a failed allocation as a generic RuntimeError/Fail; recognise it by its text."""
     text = str(exc).lower()
     needles = ("bad_alloc", "failed to allocate", "out of memory", "cannot allocate memory", "unable to allocate",
-               "resource temporarily unavailable", "pthread_create", "failed to create thread")
+               "resource temporarily unavailable", "pthread_create", "failed to create thread", "posixthread")
     return isinstance(exc, MemoryError) or any(s in text for s in needles)

@@ -198,6 +198,15 @@ def as_codec(codec: Codec | dict[str, Any]) -> Codec:
     return codec if isinstance(codec, Codec) else Codec.from_spec(codec)
 
 
+def _rename(g: onnx.GraphProto, old: str, new: str) -> None:
+    """Rename tensor `old` everywhere in the graph's nodes (the codec reuses names like `features`)."""
+    for node in g.node:
+        for io in (node.input, node.output):
+            for i, name in enumerate(io):
+                if name == old:
+                    io[i] = new
+
+
 def attach_encoder(cloud_model: onnx.ModelProto, codec: Codec | dict[str, Any],
                    features_output: str | None = None) -> onnx.ModelProto:
     """Append the codec's encoder to the cloud graph: its features output is replaced by the encoded tensors."""
@@ -210,8 +219,11 @@ def attach_encoder(cloud_model: onnx.ModelProto, codec: Codec | dict[str, Any],
     model.CopyFrom(cloud_model)
     g = model.graph
     feat = _single(list(g.output), "cloud graph outputs", features_output)
-    f, _ = encoder_fragment(codec, feat, opset=_opset(cloud_model))
     keep = [o for o in g.output if o.name != feat]
+    if feat in {s.name for s in codec.outputs()}:  # e.g. fp16 also names its output `features`
+        _rename(g, feat, f"{feat}_raw")
+        feat = f"{feat}_raw"
+    f, _ = encoder_fragment(codec, feat, opset=_opset(cloud_model))
     del g.output[:]
     g.output.extend(keep + _value_infos(codec))
     g.node.extend(f.nodes)
@@ -232,8 +244,11 @@ def attach_decoder(edge_model: onnx.ModelProto, codec: Codec | dict[str, Any],
     g = model.graph
     init_names = {i.name for i in g.initializer}
     feat = _single([i for i in g.input if i.name not in init_names], "edge graph inputs", features_input)
-    f = decoder_fragment(codec, feat)
     keep = [i for i in g.input if i.name != feat]
+    if feat in {s.name for s in codec.outputs()}:  # the encoded input takes the name; the core reads the decoded
+        _rename(g, feat, f"{feat}_decoded")
+        feat = f"{feat}_decoded"
+    f = decoder_fragment(codec, feat)
     del g.input[:]
     g.input.extend(_value_infos(codec) + keep)
     nodes = list(f.nodes) + list(g.node)  # decoder first: keeps the node list topologically sorted

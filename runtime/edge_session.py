@@ -8,13 +8,16 @@ it, the bundle ships `edge.tflite` and `ai_edge_litert` is importable; otherwise
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from mist_kit.devices.caps import looks_like_oom
 from mist_kit.errors import DependencyError, InputError, MistError
 from mist_kit.runtime.bundle import EdgeBundle, open_edge_bundle
 
@@ -83,11 +86,13 @@ class EdgeSession:
         if self.settings.threads == 1:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            sess = ort.InferenceSession(str(self.bundle.edge_path), sess_options=opts,
-                                        providers=["CPUExecutionProvider"])
+            # onnxruntime print()s "EP Error ... Falling back" and retries on failure: keep stdout (--json) clean
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                sess = ort.InferenceSession(str(self.bundle.edge_path), sess_options=opts,
+                                            providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            if isinstance(exc, MemoryError):
-                raise
+            if looks_like_oom(exc):
+                raise  # a memory cap was hit (threads or buffers could not be mapped): the caller reports it
             raise MistError(f"{self.bundle.edge_path}: onnxruntime cannot load the edge graph "
                             f"({str(exc).splitlines()[0][:200]})") from None
         got = [i.name for i in sess.get_inputs()]

@@ -154,11 +154,10 @@ def test_weights_roundtrip_safetensors_and_pth(tmp_path: Path, tiny_weights: Pat
 
 
 def test_pickled_objects_are_refused(tmp_path: Path) -> None:
-    class Payload:
-        pass
+    import datetime
 
     bad = tmp_path / "evil.pth"
-    torch.save({"x": Payload()}, bad)
+    torch.save({"x": datetime.timedelta(days=1)}, bad)  # any global outside torch's weights-only allowlist
     with pytest.raises(CheckpointError, match="cannot read weights"):
         create_vit("test_vit", img_size=32, weights=bad)
 

@@ -151,3 +151,14 @@ def test_check_tensor_against_metadata() -> None:
         check_tensor(Tensor("pixel_values", "FP32", np.zeros((2, 3, 4, 5), np.float32)), spec)
     with pytest.raises(ProtocolError, match="max-batch"):
         check_tensor(good, spec, max_batch=1)
+
+
+def test_serving_modules_are_torch_free() -> None:
+    """runtime/ runs on devices: the v2 client, model and server must not pull in torch, timm or onnx."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mist_kit.runtime.v2_client, mist_kit.runtime.v2_model, mist_kit.runtime.v2_server; "
+            "print([m for m in ('torch', 'timm', 'onnx') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

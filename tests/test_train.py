@@ -118,7 +118,7 @@ def test_tiny_pipeline_learns_well_above_chance(tiny_checkpoint: dict) -> None:
 
 def test_pipeline_is_deterministic_and_k_auto_searches(tiny_checkpoint, digits_lists, tiny_weights,
                                                        tmp_path: Path) -> None:
-    params = TrainParams(epochs=3, lr=1e-2, seed=3)
+    params = TrainParams(epochs=2, lr=1e-2, seed=3)
     reports = [run_training(_request(tiny_checkpoint, digits_lists, tiny_weights, tmp_path / f"r{i}", ks=(2, 4),
                                      params=params), log=lambda _m: None) for i in range(2)]
     a, b = reports

@@ -301,7 +301,7 @@ def _fmt(x: Any, spec: str = ".3g") -> str:
 
 
 def report_body(sm: dict[str, Any] | None, rt: dict[str, Any] | None, lt: dict[str, Any] | None,
-                total_s: float) -> str:
+                total_s: float, note: str = "") -> str:
     from _report import markdown_table  # bench/_report.py
 
     lines = ["**Correctness only.** x86 = this host's .venv; aarch64 = the same code under "
@@ -309,6 +309,8 @@ def report_body(sm: dict[str, Any] | None, rt: dict[str, Any] | None, lt: dict[s
              "aarch64 cp311 wheels, a Raspberry Pi 4 /proc/cpuinfo). qemu translates every instruction, so "
              "emulated timings say nothing about a Pi and none are reported; wall times below are the cost of "
              "the check itself."]
+    if note:
+        lines += ["", note]
     if rt:
         a, x = rt["aarch64"], rt["x86"]
         m = rt.get("manifest_summary", {})
@@ -369,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", help="use this bundle instead of building one (with --features)")
     ap.add_argument("--features", help="features file for --bundle")
     ap.add_argument("--finetune-features", help="labelled features file to fine-tune on (with --bundle)")
+    ap.add_argument("--note", default="", help="a line added to the BENCHMARKS.md section (e.g. which bundle)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     why = root_ready()
@@ -414,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         from _report import update_section
 
         update_section("aarch64", "aarch64 (Raspberry Pi 4 class) correctness under qemu",
-                       report_body(sm, rt, lt, 0.0 if args.step == "report" else total), COMMAND)
+                       report_body(sm, rt, lt, 0.0 if args.step == "report" else total, args.note), COMMAND)
         log("BENCHMARKS.md section 'aarch64' written")
     ok = (sm is None or sm["ok"]) and (rt is None or rt["ok"])
     return 0 if ok else 1
