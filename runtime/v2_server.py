@@ -10,6 +10,7 @@ JSON `{"error": ...}` with a 4xx/5xx status; nothing a client sends can stop the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import socket
@@ -237,7 +238,9 @@ def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, tok
           config: ServeConfig | None = None, log_level: str = "info") -> None:
     """Load the bundle and serve until interrupted (the CLI entry point)."""
     model = CloudModel(bundle_dir, config)
-    uvicorn.Server(_uvicorn_config(create_app(model, token), host, port, log_level)).run()
+    # uvicorn re-raises Ctrl+C after its graceful shutdown; for a server that is the normal way to stop (exit 0)
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(_uvicorn_config(create_app(model, token), host, port, log_level)).run()
 
 
 @contextmanager

@@ -255,8 +255,8 @@ def runtime(info: dict[str, Any] | None, finetune: bool = True) -> dict[str, Any
         m = info["manifest"]
         res["manifest_summary"] = {
             "what": f"`{m.get('model_name')}` ({m.get('backbone', {}).get('name')}, k={m.get('k')}, codec "
-                    f"{m.get('codec', {}).get('name')}, {len(m.get('classes', []))} classes, quantization "
-                    f"{json.dumps(m.get('edge', {}).get('quantization') or {})[:160]})",
+                    f"{m.get('codec', {}).get('name')}, {len(m.get('classes', []))} classes, int8 recipe "
+                    f"{(m.get('edge', {}).get('quantization') or {}).get('name', 'not recorded')})",
             "bundle": info["bundle"], "features": info["features"], "finetune_features": info.get("finetune_features")}
         (d / "info.json").write_text(json.dumps(res, indent=1) + "\n")
     else:
@@ -314,7 +314,7 @@ def report_body(sm: dict[str, Any] | None, rt: dict[str, Any] | None, lt: dict[s
     if rt:
         a, x = rt["aarch64"], rt["x86"]
         m = rt.get("manifest_summary", {})
-        lines += ["", f"Bundle: {m.get('what', 'tiny test bundle')}; features file of {rt['n']} samples; device "
+        lines += ["", f"Manifest: {m.get('what', 'tiny test bundle')}; features file of {rt['n']} samples; device "
                   f"profile `rpi4` ({a['report'].get('threads')} threads, backend {a['report'].get('backend')}, "
                   f"graph `{a['report'].get('graph')}`), batch 32.", ""]
         rows = [["predictions (run-edge) equal", f"{rt['pred_equal']}/{rt['n']}"],
@@ -322,7 +322,7 @@ def report_body(sm: dict[str, Any] | None, rt: dict[str, Any] | None, lt: dict[s
                  f"{_fmt(rt['embedding_max_abs'])}; relative L2 {_fmt(rt['embedding_rel_l2'])}; bitwise equal: "
                  f"{rt['embeddings_bitwise_equal']})"],
                 ["logits max abs diff", _fmt(rt["logits_max_abs_diff"])],
-                ["softmax prob max abs diff", _fmt(rt["prob_max_abs_diff"])],
+                ["softmax prob max abs diff (run-edge rounds to 5 decimals)", _fmt(rt["prob_max_abs_diff"])],
                 ["top-1 x86 / aarch64", f"{_fmt(rt['top1_x86'], '.4f')} / {_fmt(rt['top1_aarch64'], '.4f')}"]]
         ft = rt.get("finetune")
         if ft:

@@ -36,7 +36,7 @@ def _codec_table(rows: list[dict[str, Any]], jpeg: float | None) -> Table:
         pct = (lambda v: "-" if v is None else f"{v:.3f}")  # noqa: E731
         delta = r.get("top1_delta")
         table.add_row(str(r["codec"]) + (" (retrained)" if r.get("retrained") else ""), f"{r['bytes_per_image']:,}",
-                      f"1/{1 / r['ratio_vs_fp32']:.1f}" if r.get("ratio_vs_fp32") else "-",
+                      f"1/{r['ratio_vs_fp32']:.1f}" if r.get("ratio_vs_fp32") else "-",
                       "-" if r.get("snr_db") is None else f"{r['snr_db']:.1f}", pct(r.get("top1")),
                       "-" if delta is None else f"{delta * 100:+.2f} pt", pct(r.get("agreement")))
     if jpeg:
@@ -121,7 +121,7 @@ def demo(
                   f"{parity['edge_top1_int8']:.4f})")
     table.add_row("extract", f"{ext['images']} images, {ext['bytes_per_image']:,} bytes/image ({ext['codec']})")
     table.add_row("run-edge rpi4 (int8)", f"test top-1 {edge.get('top1', float('nan')):.4f}, p50 "
-                  f"{edge['latency_ms_p50']:.2f} ms/batch of 32, peak RSS {edge['peak_rss_mb']:.0f} MB")
+                  f"{edge['latency_ms_p50']:.2f} ms/batch of 32, {edge['images_per_s']:.0f} images/s")
     table.add_row("finetune-edge rpi4", f"test top-1 {ft['eval_top1_before']:.4f} -> {ft['eval_top1_after']:.4f}, "
                   f"head v{ft['head_version']} in {ft['state_dir']}")
     if served is not None:
