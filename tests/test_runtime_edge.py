@@ -116,8 +116,10 @@ def test_finetune_new_class_then_rollback(edge_env, tmp_path):
     assert run["head_version"] == 0 and run["top1"] == pytest.approx(edge_env["test_top1"], abs=0.05)
 
 
-def _one_line_error(code: int, err: str, expect_code: int, *needles: str) -> None:
+def _one_line_error(result: tuple[int, str, str], expect_code: int, *needles: str) -> None:
+    code, out, err = result
     assert code == expect_code, err
+    assert out == ""  # nothing on stdout: a --json consumer sees no half report
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for needle in needles:
@@ -147,17 +149,17 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(edge_env, tmp_path):
     before = _files(tmp_path)
     for cmd in ("run-edge", "finetune-edge"):
         base = [cmd, "--device", "rpi4", "--bundle", str(bundle), "--no-cap", "--features"]
-        _one_line_error(*_cli(*base, str(wrong_shape)), 2, "another bundle")
-        _one_line_error(*_cli(*base, str(wrong_codec)), 2, "codec", "another bundle")
-        _one_line_error(*_cli(*base, str(truncated)), 2, "truncated")
-        _one_line_error(*_cli(cmd, "--device", "pi9", "--bundle", str(bundle), "--features", str(edge_env["test"])),
+        _one_line_error(_cli(*base, str(wrong_shape)), 2, "another bundle")
+        _one_line_error(_cli(*base, str(wrong_codec)), 2, "codec", "another bundle")
+        _one_line_error(_cli(*base, str(truncated)), 2, "truncated")
+        _one_line_error(_cli(cmd, "--device", "pi9", "--bundle", str(bundle), "--features", str(edge_env["test"])),
                         2, "unknown device 'pi9'")
     edge = bundle / "edge.onnx"
     raw = bytearray(edge.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     edge.write_bytes(bytes(raw))
     for cmd in ("run-edge", "finetune-edge"):
-        _one_line_error(*_cli(cmd, "--device", "rpi4", "--bundle", str(bundle), "--features",
+        _one_line_error(_cli(cmd, "--device", "rpi4", "--bundle", str(bundle), "--features",
                               str(edge_env["train"]), "--no-cap"), 2, "edge.onnx", "tampered")
     assert _files(tmp_path) == before  # no state dir, no temp files
 
