@@ -23,8 +23,16 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Benchmarks on real data (needs ../shared: Caltech-101 VTAB-1k + DINOv2 ViT-S/14 weights); each writes its own
+# section of BENCHMARKS.md. Slow on 2 cores (the Caltech feature cache is most of it); not part of `make test`.
+W := bench/work/caltech
 bench: install
-	$(BIN)/python bench/run_all.py
+	nice -n 10 $(BIN)/python bench/train_caltech.py
+	nice -n 10 $(BIN)/python bench/export_caltech.py
+	nice -n 10 $(BIN)/python bench/codec_caltech.py
+	nice -n 10 $(BIN)/python bench/runtime_caltech.py --from-cache
+	nice -n 10 $(BIN)/python bench/serve_load.py --bundle $(W)/runtime/bundle --checkpoint $(W)/mist/checkpoint
+	bench/aarch64/run_aarch64.sh
 
 lint: install
 	$(BIN)/ruff check .

@@ -122,6 +122,34 @@ def ensure_features(bundle: Path, data: Path, out: Path) -> Path:
         return out
 
 
+def features_from_cache(bundle: Path, caches: list[Path], out: Path) -> Path:
+    """Write a features file from feature-cache splits instead of re-running cloud.onnx (fp32 codec only).
+
+    For the fp32 codec the cloud graph's output is exactly the gather g_k, which the cache already holds (stored
+    as float16); this saves thousands of ViT forward passes on a 2-core machine. Other codecs need `extract`.
+    """
+    import numpy as np
+
+    from mist_kit.cache import CachedSplit
+    from mist_kit.runtime.features_file import FeaturesWriter
+    from mist_kit.runtime.manifest import read_manifest
+
+    man = read_manifest(bundle)
+    if man["codec"].get("name") != "fp32":
+        sys.exit(f"--from-cache needs an fp32-codec bundle, {bundle} uses {man['codec'].get('name')}")
+    name = man["cloud"]["outputs"][0]["name"]
+    splits = [CachedSplit(c, json.loads((c / "meta.json").read_text())) for c in caches]
+    rows = [(sp, i) for sp in splits for i in sp.valid()]
+    ids = [f"{sp.path.name}/{i}" for sp, i in rows]
+    with FeaturesWriter(out, man, ids, with_labels=True) as writer:
+        for sp in splits:
+            g, labels = sp.gather(int(man["k"])), np.asarray(sp.labels())
+            for start in range(0, len(sp.valid()), 64):
+                idx = sp.valid()[start:start + 64]
+                writer.write({name: np.asarray(g[idx], dtype=np.float32)}, labels[idx])
+    return out
+
+
 def last_json(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
 
@@ -131,14 +159,23 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "caltech")
     ap.add_argument("--data", type=Path, default=Path("/work/shared/data/caltech101-vtab1k"))
     ap.add_argument("--n-latency", type=int, default=300)
+    ap.add_argument("--from-cache", action="store_true",
+                    help="write the features files from the Caltech feature caches (fp32 codec) instead of extract")
     args = ap.parse_args()
     ckpt = args.work / "mist" / "checkpoint"
     if not (args.work / "READY").exists() or not ckpt.is_dir():
         sys.exit(f"{args.work / 'READY'} missing: train the Caltech model first (bench/work/caltech/mist/checkpoint)")
     bundle = ensure_bundle(args.work, ckpt)
     feats = args.work / "runtime"
-    test = ensure_features(bundle, args.data / "test.txt", feats / "test.safetensors")
-    trainval = ensure_features(bundle, args.data / "train800val200.txt", feats / "trainval.safetensors")
+    if args.from_cache:
+        def splits(stem: str) -> list[Path]:
+            return sorted(p for p in (args.work / "cache").glob(f"{stem}-*") if p.is_dir())
+
+        test = features_from_cache(bundle, splits("test"), feats / "test.safetensors")
+        trainval = features_from_cache(bundle, splits("train800") + splits("val200"), feats / "trainval.safetensors")
+    else:
+        test = ensure_features(bundle, args.data / "test.txt", feats / "test.safetensors")
+        trainval = ensure_features(bundle, args.data / "train800val200.txt", feats / "trainval.safetensors")
     cli = [str(Path(PY).parent / "mist-kit")]
     inf = last_json(sh([PY, "-c", RUN_LIB, str(bundle), str(test)], "edge inference (library)"))
     inf_cli = last_json(sh([*cli, "run-edge", "--device", "rpi4", "--bundle", str(bundle), "--features", str(test),
@@ -173,7 +210,9 @@ def write_report(bundle: Path, inf: dict, inf_cli: dict, ft: dict, ft_cli: dict,
     body = f"""
 Bundle: `{bundle.relative_to(ROOT) if bundle.is_relative_to(ROOT) else bundle}` ({man['backbone']['name']}, k =
 {man['k']}, codec {man['codec'].get('name')}, features {man['features']['shape']}, {len(man['classes'])} classes).
-Features files written by `mist-kit extract`; every job ran in its own fresh process (peak RSS = ru_maxrss of
+Features files written by `mist-kit extract` (or, with `--from-cache`, from the training feature caches: for the
+fp32 codec the same g_k, stored as float16; test split computed with the bf16 backbone); every job ran in its
+own fresh process (peak RSS = ru_maxrss of
 that process, Python + numpy + onnxruntime included). Host timings, not a Pi's.
 
 {mem}
