@@ -23,7 +23,19 @@ _M_ARENA_MAX = -8  # glibc mallopt parameter
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (Linux reports ru_maxrss in KiB)."""
+    """Peak resident set size of this process so far, in MB.
+
+    Linux: VmHWM from /proc/self/status. Not ru_maxrss: the kernel carries ru_maxrss across execve (it records
+    the pre-exec image's high-water mark), so a command started from a large parent would report the parent's
+    size. Elsewhere ru_maxrss (bytes on macOS, KiB on other Unixes).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(kib / (1024 * 1024) if platform.system() == "Darwin" else kib / 1024, 1)
 
@@ -113,8 +125,12 @@ def memory_exceeded(emu: Emulation, what: str) -> ResourceLimitError:
 
 
 def looks_like_oom(exc: BaseException) -> bool:
-    """onnxruntime reports a failed allocation as a generic RuntimeError/Fail; recognise it by its text."""
+    """onnxruntime reports a failed allocation as a generic RuntimeError/Fail; recognise it by its text.
+
+    "failed to map segment" is the dynamic loader failing to map a shared library (onnxruntime's) under the cap.
+    """
     text = str(exc).lower()
     needles = ("bad_alloc", "failed to allocate", "out of memory", "cannot allocate memory", "unable to allocate",
-               "resource temporarily unavailable", "pthread_create", "failed to create thread", "posixthread")
+               "resource temporarily unavailable", "pthread_create", "failed to create thread", "posixthread",
+               "failed to map segment")
     return isinstance(exc, MemoryError) or any(s in text for s in needles)

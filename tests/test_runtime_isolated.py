@@ -83,9 +83,9 @@ def test_run_edge_and_finetune_edge_without_torch_timm_onnx(env):
 
 def test_memory_cap_exceeded_is_one_clear_line(env):
     state = env["root"] / "capped-state"
-    for cmd in ("run-edge", "finetune-edge"):
+    for cmd, batch_flag in (("run-edge", "--batch"), ("finetune-edge", "--batch-size")):
         res = _run(env, cmd, "--device", "rpi4", "--bundle", str(env["bundle"]), "--features", str(env["features"]),
-                   "--batch", "512", "--memory-cap", "200", "--state", str(state), block=False)
+                   batch_flag, "512", "--memory-cap", "200", "--state", str(state), block=False)
         err = res.stderr.split("\nHEAVY=")[0].strip().splitlines()
         assert res.returncode == 1, res.stderr
         assert len(err) == 1 and "memory cap of 200 MB for device rpi4 exceeded" in err[0], res.stderr
