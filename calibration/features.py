@@ -47,12 +47,12 @@ def _binding_fits(meta: dict[str, Any], spec: BackboneSpec, k: int) -> bool:
 
 
 def find_cached_split(config: CheckpointConfig, source: str | None, k: int,
-                      cache_root: Path | None = None) -> CachedSplit | None:
+                      cache_root: Path | None = None, precision: str = "fp32") -> CachedSplit | None:
     """The complete cache of dataset `source` bound to this checkpoint's backbone and holding g_k, if any."""
     root = cache_root or (Path(config.training["cache_dir"]) if config.training.get("cache_dir") else None)
     if root is None or source is None:
         return None
-    path = split_cache_dir(Path(root), source)
+    path = split_cache_dir(Path(root), source, precision)
     meta_file = path / "meta.json"
     if not meta_file.is_file():
         return None

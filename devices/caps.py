@@ -22,6 +22,18 @@ from mist_kit.errors import ResourceLimitError
 _M_ARENA_MAX = -8  # glibc mallopt parameter
 
 
+def _proc_status_mb(field: str) -> float | None:
+    """A size field (e.g. VmRSS, VmHWM) of /proc/self/status in MB; None where /proc is missing."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(f"{field}:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MB.
 
@@ -29,27 +41,17 @@ def peak_rss_mb() -> float:
     the pre-exec image's high-water mark), so a command started from a large parent would report the parent's
     size. Elsewhere ru_maxrss (bytes on macOS, KiB on other Unixes).
     """
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(kib / (1024 * 1024) if platform.system() == "Darwin" else kib / 1024, 1)
 
 
 def current_rss_mb() -> float:
     """Resident set size right now (VmRSS), in MB; 0.0 where /proc is missing."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return 0.0
+    rss = _proc_status_mb("VmRSS")
+    return 0.0 if rss is None else rss
 
 
 def host_arch() -> str:
