@@ -8,8 +8,6 @@ relative error), and every problem is collected into the returned report rather 
 
 from __future__ import annotations
 
-import io
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,8 +15,7 @@ import onnx
 import torch
 from torch import nn
 
-from mist_kit.errors import ExportError
-from mist_kit.exporters.onnx_utils import ort_session, signature
+from mist_kit.exporters.onnx_utils import export_dynamic_batch, ort_session, signature
 
 PIXELS = "pixel_values"
 FEATURES = "features"
@@ -44,31 +41,8 @@ class CloudParity:
 
 def export_cloud(gather: nn.Module, img_size: int, opset: int = OPSET) -> tuple[onnx.ModelProto, str]:
     """Export `gather` (pixel_values -> features) with a dynamic batch axis; returns (model, exporter used)."""
-    gather = gather.eval()
     example = torch.zeros(2, 3, img_size, img_size)
-    errors = []
-    try:
-        import onnxscript  # noqa: F401  (the dynamo exporter's dependency; fail over cleanly without it)
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                gather, (example,), None, dynamo=True, input_names=[PIXELS], output_names=[FEATURES],
-                dynamic_shapes={PIXELS: {0: torch.export.Dim("batch", min=1, max=65536)}}, opset_version=opset,
-                verbose=False)
-        return program.model_proto, "dynamo"
-    except Exception as exc:  # any exporter failure: try the other exporter, report both if it fails too
-        errors.append(f"dynamo: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
-    try:
-        buf = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(gather, (example,), buf, dynamo=False, input_names=[PIXELS], output_names=[FEATURES],
-                              dynamic_axes={PIXELS: {0: "batch"}, FEATURES: {0: "batch"}}, opset_version=17)
-        return onnx.load_from_string(buf.getvalue()), "torchscript"
-    except Exception as exc:
-        errors.append(f"torchscript: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
-    raise ExportError("cloud graph export failed with both exporters (" + "; ".join(errors) + ")")
+    return export_dynamic_batch(gather.eval(), example, PIXELS, FEATURES, opset, "cloud graph")
 
 
 def check_signature(model: onnx.ModelProto, tokens: int, dim: int, img_size: int) -> list[str]:

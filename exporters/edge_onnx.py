@@ -6,8 +6,6 @@ samples (`head.safetensors`: weight [C,E], bias [C]), so the int8 graph never ha
 
 from __future__ import annotations
 
-import io
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +15,8 @@ from torch import nn
 
 from mist_kit.atomic import atomic_path
 from mist_kit.edge import EdgeMethod
-from mist_kit.errors import ExportError, UsageError
-from mist_kit.exporters.onnx_utils import name_nodes, set_batch_dim, signature
+from mist_kit.errors import UsageError
+from mist_kit.exporters.onnx_utils import export_dynamic_batch, name_nodes, set_batch_dim, signature
 
 FEATURES = "features"
 EMBEDDING = "embedding"
@@ -44,30 +42,7 @@ def export_edge(method: EdgeMethod, tokens: int, dim: int, opset: int = OPSET) -
                          "export supports gather-consuming edge methods (e.g. mist)")
     module = _Embed(method.eval()).eval()
     example = torch.zeros(2, tokens, dim)
-    errors = []
-    try:
-        import onnxscript  # noqa: F401
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                module, (example,), None, dynamo=True, input_names=[FEATURES], output_names=[EMBEDDING],
-                dynamic_shapes={FEATURES: {0: torch.export.Dim("batch", min=1, max=65536)}}, opset_version=opset,
-                verbose=False)
-        model = program.model_proto
-    except Exception as exc:
-        errors.append(f"dynamo: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
-        try:
-            buf = io.BytesIO()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(module, (example,), buf, dynamo=False, input_names=[FEATURES],
-                                  output_names=[EMBEDDING], dynamic_axes={FEATURES: {0: "batch"},
-                                                                          EMBEDDING: {0: "batch"}}, opset_version=17)
-            model = onnx.load_from_string(buf.getvalue())
-        except Exception as exc2:
-            errors.append(f"torchscript: {type(exc2).__name__}: {str(exc2).splitlines()[0][:160]}")
-            raise ExportError("edge graph export failed with both exporters (" + "; ".join(errors) + ")") from None
+    model, _exporter = export_dynamic_batch(module, example, FEATURES, EMBEDDING, opset, "edge graph")
     set_batch_dim(model)
     return name_nodes(model, "edge")
 

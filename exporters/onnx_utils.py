@@ -13,7 +13,7 @@ from typing import Any
 import onnx
 
 from mist_kit.atomic import atomic_path
-from mist_kit.errors import DependencyError
+from mist_kit.errors import DependencyError, ExportError
 
 INT8_OPS = frozenset({"QLinearMatMul", "QLinearConv", "QLinearAdd", "QLinearMul", "MatMulInteger",
                       "ConvInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",
@@ -93,3 +93,45 @@ def ort_session(path: Path | bytes, threads: int = 1) -> Any:
     opts.log_severity_level = 3
     src = path if isinstance(path, bytes) else str(path)
     return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+
+
+def export_dynamic_batch(module: Any, example: Any, input_name: str, output_name: str, opset: int,
+                         what: str) -> tuple[onnx.ModelProto, str]:
+    """Export a one-input/one-output torch module with a dynamic batch axis; returns (model, exporter used).
+
+    torch.onnx's dynamo exporter (needs onnxscript) first, the TorchScript exporter (opset 17) as the fallback for
+    modules dynamo cannot trace; if both fail, one ExportError names `what` and carries both reasons.
+    """
+    import io
+    import warnings
+
+    import torch
+
+    errors = []
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter's dependency; fail over cleanly without it)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module, (example,), None, dynamo=True, input_names=[input_name], output_names=[output_name],
+                dynamic_shapes={input_name: {0: torch.export.Dim("batch", min=1, max=65536)}}, opset_version=opset,
+                verbose=False)
+        return program.model_proto, "dynamo"
+    except Exception as exc:  # any exporter failure: try the other exporter, report both if it fails too
+        errors.append(f"dynamo: {_first_line(exc)}")
+    try:
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example,), buf, dynamo=False, input_names=[input_name],
+                              output_names=[output_name], dynamic_axes={input_name: {0: "batch"},
+                                                                        output_name: {0: "batch"}}, opset_version=17)
+        return onnx.load_from_string(buf.getvalue()), "torchscript"
+    except Exception as exc:
+        errors.append(f"torchscript: {_first_line(exc)}")
+    raise ExportError(f"{what} export failed with both exporters (" + "; ".join(errors) + ")")

@@ -8,7 +8,6 @@ the same prologue as timm's own `forward_features` / `forward_intermediates`.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
 import socket
 import threading
@@ -20,15 +19,7 @@ from torch import nn
 
 from mist_kit.config import BackboneSpec
 from mist_kit.errors import CheckpointError, DependencyError, InputError, UsageError
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from mist_kit.runtime.manifest import sha256_file
 
 
 def _timm():
