@@ -243,8 +243,6 @@ def run_evaluation(checkpoint: str | Path, data: str, cache_dir: Path | None = N
 
 def codec_transform(codec: dict[str, Any]) -> FeatureTransform | None:
     """The encode->decode round trip a checkpoint's codec applies to features (None for lossless fp32)."""
-    try:
-        from mist_kit.runtime.codec import transform_for  # provided by the codec module
-    except ImportError:  # pragma: no cover - codec module absent
-        return None
+    from mist_kit.runtime.codec import transform_for
+
     return transform_for(codec)
