@@ -1,8 +1,9 @@
 """Real data for calibration and validation: gathered features from the checkpoint's cache, or images via --calib.
 
 Quantization ranges and the int8 verdict are only as good as the data they are measured on, so both come from
-real gathers: the training split's cache (calibration) and rows the calibration never saw (held-out evaluation:
-the val split, then unused train rows). With `--calib DATA` the images are run through the backbone instead.
+real gathers: the training split's cache (calibration) and data the edge network never trained on (held-out
+evaluation: `--eval DATA`, or the val split of a checkpoint that was not refit on it). With `--calib DATA` the
+images are run through the backbone instead.
 Real images are also needed for cloud-graph parity; they are read from the dataset the checkpoint was trained on.
 """
 
@@ -31,10 +32,10 @@ class RealData:
     """Calibration batches, held-out batches (with labels when known) and a few real images for cloud parity."""
 
     calib: ArrayBatches | InMemoryBatches
-    held_out: ArrayBatches | InMemoryBatches
+    held_out: ArrayBatches | InMemoryBatches | None  # None only when no check needs it (--quantize none)
     held_out_labels: np.ndarray | None
     pixels: np.ndarray  # float32 [n, 3, H, W]
-    source: str
+    source: str  # where the held-out data came from ("" when there is none)
     notes: list[str] = field(default_factory=list)
 
 
@@ -86,67 +87,128 @@ def parity_pixels(config: CheckpointConfig, calib: str | None, n: int, rng: np.r
     return np.stack([load_pixels(p, b.img_size, b.mean, b.std) for p in paths]).astype(np.float32)
 
 
-def from_cache(config: CheckpointConfig, k: int, n_calib: int, n_eval: int, rng: np.random.Generator,
-               transform: Transform | None, cache_root: Path | None = None) -> RealData | None:
-    """Calibrate on train-cache rows, hold out val rows (+ unused train rows); None when no matching cache."""
+def trained_sources(config: CheckpointConfig) -> list[str]:
+    """The datasets the edge network was fit on: train, plus val when the checkpoint was refit on train + val."""
     t = config.training
-    train = find_cached_split(config, t.get("train"), k, cache_root)
-    if train is None:
-        return None
-    val = find_cached_split(config, t.get("val"), k, cache_root)
-    rows = rng.permutation(train.valid())
-    calib_rows = rows[:n_calib]
-    spare = rows[n_calib:]
-    notes = [f"calibration: {len(calib_rows)} cached train gathers ({train.path.name})"]
-    held: list[tuple[CachedSplit, np.ndarray]] = []
-    if val is not None:
-        vrows = val.valid()[:n_eval]
-        held.append((val, vrows))
-        notes.append(f"held-out: {len(vrows)} val gathers")
-    left = n_eval - sum(len(r) for _s, r in held)
-    if left > 0 and len(spare):
-        held.append((train, spare[:left]))
-        notes.append(f"held-out: {min(left, len(spare))} train gathers not used for calibration")
-    if not held:
-        return None
-    if len(held) == 1:
-        split, hrows = held[0]
-        held_batches: ArrayBatches | InMemoryBatches = ArrayBatches(split.gather(k), hrows, transform=transform)
-        labels = np.asarray(split.labels())[np.sort(hrows)]
-    else:  # concatenate lazily: a list of batches from both sources
-        batches, labels_parts = [], []
-        for split, hrows in held:
-            batches.extend(ArrayBatches(split.gather(k), hrows, transform=transform))
-            labels_parts.append(np.asarray(split.labels())[np.sort(hrows)])
-        held_batches = InMemoryBatches(batches)
-        labels = np.concatenate(labels_parts)
-    calib_batches = ArrayBatches(train.gather(k), calib_rows, transform=transform)
-    return RealData(calib_batches, held_batches, labels, np.zeros((0,), np.float32), str(train.path), notes)
+    return [src for src in (t.get("train"), t.get("val") if t.get("refit") else None) if src]
 
 
-def from_images(images: ImageList, gather: Any, config: CheckpointConfig, n_calib: int, n_eval: int,
-                rng: np.random.Generator, transform: Transform | None, log: Log, batch_size: int = 16) -> RealData:
-    """Run up to n_calib + n_eval images through the torch gather model and split them (calibration first)."""
+def _same_source(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _was_trained_on(config: CheckpointConfig, source: str) -> bool:
+    return any(_same_source(source, s) for s in trained_sources(config))
+
+
+def _cached_rows(config: CheckpointConfig, source: str | None, k: int, n: int, rng: np.random.Generator,
+                 transform: Transform | None, cache_root: Path | None) -> tuple[ArrayBatches, np.ndarray] | None:
+    """Up to `n` random rows of `source`'s bound cache as batches, with their labels in batch order."""
+    split = find_cached_split(config, source, k, cache_root)
+    if split is None:
+        return None
+    rows = np.sort(rng.permutation(split.valid())[:n])
+    labels = np.asarray(split.labels())[rows]
+    names = split.classes
+    if names and list(names) != list(config.classes):  # same dataset, other class order: match by name
+        index = {c: i for i, c in enumerate(config.classes)}
+        labels = np.array([index.get(names[y], -1) if 0 <= y < len(names) else -1 for y in labels], np.int64)
+    return ArrayBatches(split.gather(k), rows, transform=transform), labels
+
+
+def _image_gathers(images: ImageList, rows: np.ndarray, gather: Any, config: CheckpointConfig,
+                   transform: Transform | None, batch_size: int = 16) -> np.ndarray:
+    """g_k (after the codec round trip, if any) for `images.paths[rows]`, computed with the torch gather model."""
     import torch
 
     b = config.backbone
-    pick = rng.permutation(len(images))[: n_calib + n_eval]
-    if len(pick) < 2:
-        raise InputError(f"{images.source}: --calib needs at least 2 images, found {len(images)}")
-    log(f"computing gathers for {len(pick)} calibration images from {images.source}")
     feats = []
     with torch.no_grad():
-        for start in range(0, len(pick), batch_size):
-            rows = pick[start:start + batch_size]
-            px = np.stack([load_pixels(images.paths[i], b.img_size, b.mean, b.std) for i in rows])
+        for start in range(0, len(rows), batch_size):
+            px = np.stack([load_pixels(images.paths[i], b.img_size, b.mean, b.std)
+                           for i in rows[start:start + batch_size]])
             feats.append(gather(torch.from_numpy(px)).numpy())
     x = np.concatenate(feats).astype(np.float32)
-    if transform is not None:
-        x = np.asarray(transform(x), dtype=np.float32)
-    n_c = min(n_calib, max(1, len(x) // 2))
-    labels = np.asarray(images.labels)[pick[n_c:]]
-    chunks = [{"features": x[i:i + 32]} for i in range(n_c, len(x), 32)]
-    calib = [{"features": x[i:min(i + 32, n_c)]} for i in range(0, n_c, 32)]
-    notes = [f"calibration: {n_c} images from {images.source}", f"held-out: {len(x) - n_c} images"]
-    return RealData(InMemoryBatches(calib), InMemoryBatches(chunks), labels, np.zeros((0,), np.float32),
-                    images.source, notes)
+    return np.asarray(transform(x), dtype=np.float32) if transform is not None else x
+
+
+def _chunks(x: np.ndarray, size: int = 32) -> InMemoryBatches:
+    return InMemoryBatches([{"features": x[i:i + size]} for i in range(0, len(x), size)])
+
+
+def _held_out_from(source: str, config: CheckpointConfig, gather: Any, n: int, rng: np.random.Generator,
+                   transform: Transform | None, cache_root: Path | None,
+                   log: Log) -> tuple[ArrayBatches | InMemoryBatches, np.ndarray, str]:
+    cached = _cached_rows(config, source, config.method.k, n, rng, transform, cache_root)
+    if cached is not None:
+        return cached[0], cached[1], f"held-out: {len(cached[0])} cached gathers of {source}"
+    images = load_image_list(source)
+    rows = np.sort(rng.permutation(len(images))[:n])
+    log(f"computing held-out gathers for {len(rows)} images of {source}")
+    x = _image_gathers(images, rows, gather, config, transform)
+    return _chunks(x), images.labels_for(config.classes)[rows], f"held-out: {len(rows)} images of {source}"
+
+
+def real_data(config: CheckpointConfig, gather: Any, *, calib: str | None, eval_data: str | None, n_calib: int,
+              n_eval: int, need_held_out: bool, rng: np.random.Generator, transform: Transform | None,
+              cache_root: Path | None, log: Log) -> RealData:
+    """Calibration and held-out data for an export, held-out data never seen by the edge network's training.
+
+    Calibration: `calib` images, else the training split's cache, else the training images. Held-out (the int8
+    agreement gate): `eval_data`, else the val split when the checkpoint was not refit on it, else the part of
+    `calib` not used for calibration when `calib` is not training data. Training rows are never used: the network
+    fits them with wide margins, so int8 would look perfect there (the gate could never engage).
+    """
+    k = config.method.k
+    t = config.training
+    notes: list[str] = []
+    calib_rows: ArrayBatches | InMemoryBatches | None = None
+    spare: tuple[InMemoryBatches, np.ndarray, str] | None = None
+    if calib is None:
+        cached = _cached_rows(config, t.get("train"), k, n_calib, rng, transform, cache_root)
+        if cached is not None:
+            calib_rows = cached[0]
+            notes.append(f"calibration: {len(calib_rows)} cached train gathers of {t.get('train')}")
+        else:
+            calib = t.get("train")
+            if not calib or not Path(calib).exists():
+                raise InputError(f"no feature cache for this checkpoint (k={k}) and its training data {calib} is "
+                                 "not readable here; pass --calib DATA (ImageFolder or list file)")
+            log(f"no matching feature cache; computing calibration gathers from the training images {calib}")
+    if calib_rows is None:
+        images = load_image_list(calib)
+        if len(images) < 2:
+            raise InputError(f"{images.source}: --calib needs at least 2 images, found {len(images)}")
+        spare_ok = eval_data is None and not _was_trained_on(config, calib)
+        take = n_calib + (n_eval if spare_ok else 0)
+        pick = rng.permutation(len(images))[:take]
+        log(f"computing calibration gathers for {len(pick)} images of {images.source}")
+        x = _image_gathers(images, pick, gather, config, transform)
+        n_c = min(n_calib, max(1, len(x) // 2)) if spare_ok else len(x)
+        calib_rows = _chunks(x[:n_c])
+        notes.append(f"calibration: {n_c} images of {images.source}")
+        if spare_ok and len(x) > n_c:
+            spare = (_chunks(x[n_c:]), images.labels_for(config.classes)[pick[n_c:]],
+                     f"held-out: {len(x) - n_c} images of {images.source} not used for calibration")
+
+    held: ArrayBatches | InMemoryBatches | None = None
+    labels: np.ndarray | None = None
+    source = eval_data or (t.get("val") if t.get("val") and not t.get("refit") else None)
+    if eval_data is not None and _was_trained_on(config, eval_data):
+        raise InputError(f"--eval {eval_data}: the checkpoint was trained on this data; the int8 agreement check "
+                         "needs images it never saw")
+    if source is not None and (eval_data is not None or Path(source).exists()
+                               or find_cached_split(config, source, k, cache_root) is not None):
+        held, labels, note = _held_out_from(source, config, gather, n_eval, rng, transform, cache_root, log)
+        notes.append(note)
+    elif spare is not None:
+        (held, labels, note), source = spare, calib
+        notes.append(note)
+    elif need_held_out:
+        why = ("was refit on train + val, so none of its data is held out" if t.get("refit")
+               else "has no val split readable here")
+        raise InputError(f"the checkpoint {why}; the int8 agreement check needs images the edge network never "
+                         "trained on: pass --eval DATA (ImageFolder or list file; labels optional)")
+    else:
+        notes.append("held-out: none (no data the checkpoint did not train on)")
+    return RealData(calib_rows, held, labels, np.zeros((0,), np.float32), source or "", notes)

@@ -32,11 +32,12 @@ class ExportOptions:
     op_types: tuple[str, ...] | None = None
     min_agreement: float = 0.99
     calib: str | None = None  # images (ImageFolder / list file) instead of the checkpoint's feature cache
+    eval_data: str | None = None  # held-out images for the int8 gate (default: val, unless the checkpoint was refit)
     n_calib: int = 256
     n_eval: int = 1000
     n_parity: int = 8
     tflite: bool = False
-    codec: str | None = None  # default: the codec the checkpoint was trained for
+    codec: str | None = None  # default: the checkpoint's codec; for an fp32-trained one, int8-channel
     model_name: str | None = None
     weights: str | None = None  # backbone weights file, if moved since training
     cache_dir: Path | None = None
@@ -75,14 +76,36 @@ class ExportReport:
         return asdict(self)
 
 
-def _codec_spec(config_codec: dict[str, Any], requested: str | None) -> dict[str, Any]:
-    spec = dict(config_codec or {"name": "fp32"})
-    if requested is None or requested == spec.get("name"):
+def _codec_spec(config: Any, requested: str | None, cache_dir: Path | None, log: Log) -> dict[str, Any]:
+    """The codec the bundle speaks: the requested one, else the checkpoint's, else the measured default.
+
+    An fp32-trained checkpoint exports with `DEFAULT_LAYOUT_PRESERVING_CODEC` (int8-channel: 4x fewer bytes per
+    image, -0.15 pt on Caltech-101, see BENCHMARKS.md): the best codec that needs no retraining. It is calibrated
+    on the training cache; without one the export falls back to fp32 and says so (an explicit --codec fails).
+    """
+    from mist_kit.runtime.codec import DEFAULT_LAYOUT_PRESERVING_CODEC
+
+    spec = dict(config.codec or {"name": "fp32"})
+    trained = spec.get("name", "fp32")
+    if requested is None and trained != "fp32":
         return spec
-    if spec.get("name", "fp32") != "fp32":
-        raise UsageError(f"--codec {requested}: the checkpoint's edge network was trained for codec "
-                         f"{spec.get('name')!r}; retrain it for {requested!r} (mist-kit train --codec) first")
-    return {"name": requested}
+    if requested is not None and requested == trained:
+        return spec
+    if trained != "fp32":
+        raise UsageError(f"--codec {requested}: the checkpoint's edge network was trained for codec {trained!r}; "
+                         f"retrain it for {requested!r} (mist-kit train --codec) first")
+    name = requested or DEFAULT_LAYOUT_PRESERVING_CODEC
+    if name == "fp32":
+        return {"name": "fp32"}
+    from mist_kit.calibration.codec_calib import fit_for_export
+
+    try:
+        return fit_for_export(config, name, cache_dir, log)
+    except InputError as exc:
+        if requested is not None:
+            raise
+        log(f"codec: fp32, not the default {name} ({exc}); pass --codec fp32 to silence this")
+        return {"name": "fp32"}
 
 
 def _codec_graphs() -> Any:
@@ -91,25 +114,6 @@ def _codec_graphs() -> Any:
     except ImportError as exc:
         raise UsageError(f"codec graph fragments are unavailable ({exc}); export with codec fp32") from None
     return codec_graphs
-
-
-def _real_data(config: Any, gather: Any, opts: ExportOptions, transform: Any, rng: np.random.Generator,
-               log: Log) -> Any:
-    from mist_kit.calibration.features import from_cache, from_images
-    from mist_kit.data import load_image_list
-
-    k = config.method.k
-    if opts.calib is None:
-        data = from_cache(config, k, opts.n_calib, opts.n_eval, rng, transform, opts.cache_dir)
-        if data is not None:
-            return data
-        src = config.training.get("train")
-        if not src or not Path(src).exists():
-            raise InputError(f"no feature cache for this checkpoint (k={k}) and its training data {src} is not "
-                             "readable here; pass --calib DATA (ImageFolder or list file)")
-        log(f"no matching feature cache; computing calibration gathers from the training images {src}")
-        return from_images(load_image_list(src), gather, config, opts.n_calib, opts.n_eval, rng, transform, log)
-    return from_images(load_image_list(opts.calib), gather, config, opts.n_calib, opts.n_eval, rng, transform, log)
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None,
@@ -121,7 +125,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
     import torch
 
     from mist_kit.backbone import GatherModel, load_backbone_for
-    from mist_kit.calibration.features import parity_pixels
+    from mist_kit.calibration.features import parity_pixels, real_data
     from mist_kit.checkpoint import load_checkpoint
     from mist_kit.exporters import cloud_onnx, edge_onnx
     from mist_kit.exporters.bundle import Artifacts, ValidationFailed, base_manifest, model_name_for, write_bundle
@@ -141,16 +145,12 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
     if method.input_kind != "gather":
         raise UsageError(f"method {config.method.name!r} consumes the backbone's final cls token, not a gather; "
                          "split export supports gather methods (e.g. mist)")
-    codec = _codec_spec(config.codec, opts.codec)
-    if codec.get("name", "fp32") != "fp32" and "tokens" not in codec:  # a bare name: calibrate it on the cache
-        from mist_kit.calibration.codec_calib import fit_for_export
-
-        codec = fit_for_export(config, codec["name"], opts.cache_dir, log)
+    b, k = config.backbone, config.method.k
+    backbone = load_backbone_for(b, opts.weights)  # wrong weights fail before any work
+    codec = _codec_spec(config, opts.codec, opts.cache_dir, log)
     transform = codec_transform(codec) if codec.get("name", "fp32") != "fp32" else None
     rng = np.random.default_rng(opts.seed)
     torch.manual_seed(opts.seed)
-    b, k = config.backbone, config.method.k
-    backbone = load_backbone_for(b, opts.weights)
     gather = GatherModel(backbone, k).eval()
     problems: list[str] = []
     notes: list[str] = []
@@ -167,12 +167,14 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
     edge_fp32 = edge_onnx.export_edge(method, tokens, b.embed_dim)
     problems += edge_onnx.check_signature(edge_fp32, tokens, b.embed_dim, method.embedding_dim)
 
-    data = _real_data(config, gather, opts, transform, rng, log)
+    data = real_data(config, gather, calib=opts.calib, eval_data=opts.eval_data, n_calib=opts.n_calib,
+                     n_eval=opts.n_eval, need_held_out=opts.quantize is Precision.INT8, rng=rng,
+                     transform=transform, cache_root=opts.cache_dir, log=log)
     for note in data.notes:
         log(note)
     head = Head(method.head.weight.detach().numpy().astype(np.float32),
                 method.head.bias.detach().numpy().astype(np.float32))
-    sample = next(iter(data.held_out))["features"]
+    sample = next(iter(data.held_out if data.held_out is not None else data.calib))["features"]
     edge_err = edge_onnx.edge_parity(cloud_onnx.ort_session(edge_fp32.SerializeToString()), method, sample)
     if edge_err > edge_onnx.EDGE_MAX_ABS:
         problems.append(f"edge.fp32.onnx differs from torch embed: max abs err {edge_err:.3g} > "
@@ -180,7 +182,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
     quant = None
     edge = edge_fp32
     labels = data.held_out_labels
-    if opts.quantize is Precision.INT8:
+    if opts.quantize is Precision.INT8 and data.held_out is not None:
         specs = resolve_modes(opts.mode, opts.op_types)
         result = quantize_edge(edge_fp32, specs, data.calib, data.held_out, head, labels, opts.min_agreement, log)
         quant = result.to_dict()
@@ -192,7 +194,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
         if not m.runtime_int8_ops:
             problems.append(f"edge.onnx ({m.spec.name}) runs no int8 operators in onnxruntime")
         agreement, top1_fp32, top1_int8, n_eval = m.agreement, m.top1_fp32, m.top1_int8, m.n_eval
-    else:
+    elif data.held_out is not None:
         from mist_kit.exporters.quantize import embeddings
 
         emb = embeddings(cloud_onnx.ort_session(edge_fp32.SerializeToString()), data.held_out)
@@ -200,8 +202,16 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
         known = labels is not None and (labels >= 0).any()
         top1_fp32 = float((pred[labels >= 0] == labels[labels >= 0]).mean()) if known else None  # type: ignore
         agreement, top1_int8, n_eval = 1.0, top1_fp32, len(emb)
+    else:  # --quantize none and no data the checkpoint did not train on: nothing to score honestly
+        agreement, top1_fp32, top1_int8, n_eval = 1.0, None, None, 0
 
-    tflite_bytes, tflite_report = None, None  # --tflite stops in require_tflite() (see exporters/tflite.py)
+    tflite_bytes, tflite_report = None, None
+    if opts.tflite:  # the same fp32 core as int8 LiteRT, gated like edge.onnx (see exporters/tflite.py)
+        from mist_kit.exporters.tflite import export_tflite
+
+        tflite_bytes, tflite_report = export_tflite(method, tokens, b.embed_dim, data.calib, data.held_out, head,
+                                                    labels, opts.min_agreement, codec, log)
+        problems += tflite_report["problems"]
 
     if codec.get("name", "fp32") != "fp32":  # the seam: codec fragments wrap the validated fp32/int8 cores
         cg = _codec_graphs()
@@ -213,7 +223,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
 
     parity_d = {"cloud_max_abs_err": parity.max_abs_err, "cloud_max_rel_err": parity.max_rel_err,
                 "edge_top1_agreement": agreement, "edge_top1_fp32": top1_fp32, "edge_top1_int8": top1_int8,
-                "n_eval": n_eval, "n_cloud_images": parity.n_images}
+                "n_eval": n_eval, "eval_data": Path(data.source).name if n_eval else None,
+                "n_cloud_images": parity.n_images}
     name = opts.model_name or model_name_for(config)
     art = Artifacts(cloud, edge_fp32, edge, method, tflite_bytes, extra)
     manifest = base_manifest(config, name, codec, art, quant and _manifest_quant(quant), parity_d)

@@ -136,12 +136,19 @@ def runtime_ops(model: onnx.ModelProto) -> dict[str, int]:
     return {k: v for k, v in counts.items() if k in INT8_COMPUTE_OPS}
 
 
-def embeddings(session: Any, batches: Batches, limit: int | None = None) -> np.ndarray:
-    """Run an edge session over batches (first input gets the batch) and stack the embeddings."""
+def embeddings(session: Any, batches: Batches, limit: int | None = None, per_row: bool = False) -> np.ndarray:
+    """Run an edge session over batches (first input gets the batch) and stack the embeddings.
+
+    `per_row` runs one row per call: dynamic int8 takes its activation scales from the whole input tensor, so a
+    batched run would score each image with its batch mates' ranges, not as the device (which runs dynamic
+    graphs row by row, see runtime.edge_session) will.
+    """
     name = session.get_inputs()[0].name
     out, seen = [], 0
     for batch in batches:
-        out.append(session.run(None, {name: next(iter(batch.values()))})[0])
+        x = next(iter(batch.values()))
+        rows = [x[i:i + 1] for i in range(len(x))] if per_row else [x]
+        out.append(np.concatenate([session.run(None, {name: r})[0] for r in rows]))
         seen += len(out[-1])
         if limit is not None and seen >= limit:
             break
@@ -172,7 +179,7 @@ def measure(model: onnx.ModelProto, spec: QuantSpec, ref_emb: np.ndarray, held_o
             labels: np.ndarray | None, sample: np.ndarray) -> Measurement:
     """Agreement / top-1 / SQNR / latency of `model` vs the fp32 embeddings `ref_emb` of the same batches."""
     session = ort_session(model.SerializeToString())
-    emb = embeddings(session, held_out)
+    emb = embeddings(session, held_out, per_row=spec.mode is QuantMode.DYNAMIC)
     ref_pred = head.logits(ref_emb).argmax(1)
     pred = head.logits(emb).argmax(1)
     known = labels is not None and (labels >= 0).any()

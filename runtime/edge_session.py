@@ -49,6 +49,17 @@ def litert_available() -> bool:
     return importlib.util.find_spec("ai_edge_litert") is not None
 
 
+def runs_per_row(manifest: dict[str, Any], graph_file: str) -> bool:
+    """True for a dynamically quantized int8 edge graph: it must see one image per call.
+
+    Dynamic int8 takes activation scales from the whole input tensor, so in a batch each image would be quantized
+    with its batch mates' ranges: answers would depend on what else is in the batch. One row per call keeps every
+    prediction a function of its own image, and is what the export-time agreement gate measured.
+    """
+    q = manifest.get("edge", {}).get("quantization") or {}
+    return q.get("mode") == "dynamic" and graph_file == manifest.get("edge", {}).get("file")
+
+
 class EdgeSession:
     """Encoded features (the cloud outputs) -> embedding (B, E), and -> logits with the bundle's or a given head."""
 
@@ -66,6 +77,7 @@ class EdgeSession:
         self.names = [i["name"] for i in bundle.inputs]
         self.dtypes = {i["name"]: np.dtype(i["dtype"]) for i in bundle.inputs}
         self.backend = "litert" if use_litert else "onnxruntime"
+        self.per_row = not use_litert and runs_per_row(bundle.manifest, bundle.edge_path.name)
         self._run = self._litert_runner() if use_litert else self._ort_runner()
 
     def _ort_runner(self) -> Any:
@@ -102,7 +114,10 @@ class EdgeSession:
         out = EMBEDDING if EMBEDDING in out_names else out_names[0]
 
         def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
-            return sess.run([out], feeds)[0]
+            n = len(next(iter(feeds.values())))
+            if not self.per_row or n <= 1:
+                return sess.run([out], feeds)[0]
+            return np.concatenate([sess.run([out], {k: v[i:i + 1] for k, v in feeds.items()})[0] for i in range(n)])
 
         return run
 

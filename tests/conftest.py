@@ -47,12 +47,22 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, digits_lists: dict
     return report
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: dict) -> Path:
-    """The tiny checkpoint exported as a split bundle (int8 edge.onnx, auto-chosen recipe); returns its directory."""
+def _export(tmp_path_factory: pytest.TempPathFactory, checkpoint: str, name: str, **options) -> Path:
     from mist_kit.exporters.export import export_bundle
 
-    out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
-    report = export_bundle(tiny_checkpoint["checkpoint"], out, log=lambda _m: None)
+    out = tmp_path_factory.mktemp(name) / "bundle"
+    report = export_bundle(checkpoint, out, log=lambda _m: None, **options)
     assert report.ok, report.problems
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: dict) -> Path:
+    """The tiny checkpoint exported with every default (int8 edge.onnx, auto recipe, int8-channel codec)."""
+    return _export(tmp_path_factory, tiny_checkpoint["checkpoint"], "tiny_bundle")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_fp32(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: dict) -> Path:
+    """The same export with codec fp32: cloud.onnx emits the plain gather, edge.onnx is the bare int8 core."""
+    return _export(tmp_path_factory, tiny_checkpoint["checkpoint"], "tiny_bundle_fp32", codec="fp32")

@@ -34,41 +34,63 @@ def _test_pixels(digits_lists: dict, manifest: dict, n: int) -> tuple[np.ndarray
     return px.astype(np.float32), np.asarray(images.labels[:n])
 
 
-def test_bundle_files_match_manifest(tiny_bundle: Path) -> None:
-    manifest = open_bundle(tiny_bundle)  # verifies every listed file's size and sha256
-    assert manifest["files"] == files_table(tiny_bundle), "a file on disk is missing from the manifest"
+@pytest.mark.parametrize("fixture", ["tiny_bundle", "tiny_bundle_fp32"])
+def test_bundle_files_match_manifest(fixture: str, request: pytest.FixtureRequest) -> None:
+    bundle = request.getfixturevalue(fixture)
+    manifest = open_bundle(bundle)  # verifies every listed file's size and sha256
+    assert manifest["files"] == files_table(bundle), "a file on disk is missing from the manifest"
     for rel in ("cloud.onnx", "edge.onnx", "edge.fp32.onnx", "head.safetensors",
                 "deploy/kserve-inferenceservice.yaml"):
         assert rel in manifest["files"]
     assert [(e["name"], e["dtype"]) for e in manifest["edge"]["inputs"]] == \
         [(e["name"], e["dtype"]) for e in manifest["cloud"]["outputs"]]
     assert manifest["cloud"]["inputs"] == [{"name": "pixel_values", "dtype": "float32", "shape": [-1, 3, 32, 32]}]
-    assert manifest["cloud"]["outputs"] == [{"name": "features", "dtype": "float32", "shape": [-1, 5, 64]}]
+    if fixture == "tiny_bundle":  # the export default for an fp32-trained checkpoint: the int8-channel codec
+        assert manifest["codec"]["name"] == "int8-channel"
+        assert manifest["cloud"]["outputs"] == [{"name": "features_q", "dtype": "int8", "shape": [-1, 5, 64]}]
+    else:
+        assert manifest["codec"]["name"] == "fp32"
+        assert manifest["cloud"]["outputs"] == [{"name": "features", "dtype": "float32", "shape": [-1, 5, 64]}]
     assert manifest["edge"]["outputs"] == [{"name": "embedding", "dtype": "float32", "shape": [-1, 64]}]
     p = manifest["parity"]
     assert p["cloud_max_abs_err"] < 1e-3 and p["edge_top1_agreement"] >= 0.99 and p["n_eval"] >= 200
+    assert p["eval_data"] == "val.txt"  # held out: the tiny checkpoint was not refit on val
 
 
-def test_bundle_chain_gives_torch_top1(tiny_bundle: Path, tiny_checkpoint: dict, digits_lists: dict) -> None:
+def test_bundle_chain_gives_torch_top1(tiny_bundle_fp32: Path, tiny_checkpoint: dict, digits_lists: dict) -> None:
     from mist_kit.exporters.verify import run_chain
 
-    manifest = open_bundle(tiny_bundle)
+    manifest = open_bundle(tiny_bundle_fp32)
     pixels, labels = _test_pixels(digits_lists, manifest, 400)
     ref = _torch_top1(tiny_checkpoint["checkpoint"], pixels)
-    fp32 = run_chain(tiny_bundle, manifest, pixels, "reference").argmax(1)
-    int8 = run_chain(tiny_bundle, manifest, pixels, "file").argmax(1)
+    fp32 = run_chain(tiny_bundle_fp32, manifest, pixels, "reference").argmax(1)
+    int8 = run_chain(tiny_bundle_fp32, manifest, pixels, "file").argmax(1)
     assert np.array_equal(fp32, ref), "cloud.onnx -> edge.fp32.onnx -> head must reproduce torch top-1 exactly"
     assert (int8 == ref).mean() >= 0.98, f"int8 chain agrees with torch on only {(int8 == ref).mean():.3f}"
     assert abs((int8 == labels).mean() - (ref == labels).mean()) <= 0.02
 
 
-def test_int8_graph_really_is_int8(tiny_bundle: Path) -> None:
+def test_default_codec_chain_agrees_with_torch(tiny_bundle: Path, tiny_checkpoint: dict,
+                                               digits_lists: dict) -> None:
+    """int8 features on the wire and an int8 edge graph: still the torch checkpoint's answers (>= 98%)."""
+    from mist_kit.exporters.verify import run_chain
+
+    manifest = open_bundle(tiny_bundle)
+    pixels, labels = _test_pixels(digits_lists, manifest, 400)
+    ref = _torch_top1(tiny_checkpoint["checkpoint"], pixels)
+    for graph in ("reference", "file"):
+        pred = run_chain(tiny_bundle, manifest, pixels, graph).argmax(1)
+        assert (pred == ref).mean() >= 0.98, f"{graph}: agrees with torch on only {(pred == ref).mean():.3f}"
+        assert abs((pred == labels).mean() - (ref == labels).mean()) <= 0.02
+
+
+def test_int8_graph_really_is_int8(tiny_bundle_fp32: Path) -> None:
     from mist_kit.exporters.onnx_utils import int8_op_counts
     from mist_kit.exporters.quantize import runtime_ops
 
-    manifest = open_bundle(tiny_bundle)
-    edge = onnx.load(str(tiny_bundle / "edge.onnx"))
-    ref = onnx.load(str(tiny_bundle / "edge.fp32.onnx"))
+    manifest = open_bundle(tiny_bundle_fp32)
+    edge = onnx.load(str(tiny_bundle_fp32 / "edge.onnx"))
+    ref = onnx.load(str(tiny_bundle_fp32 / "edge.fp32.onnx"))
     assert int8_op_counts(edge), "edge.onnx holds no quantization operators"
     assert not int8_op_counts(ref)
     executed = runtime_ops(edge)
@@ -151,10 +173,11 @@ def test_deploy_files_parse_and_match_graph(tiny_bundle: Path) -> None:
     inputs, outputs = signature(onnx.load(str(repo / "1" / "model.onnx")))
     assert cfg.name == name and cfg.backend == "onnxruntime" and cfg.max_batch_size > 0
     assert cfg.HasField("dynamic_batching")
-    fp32 = _model_config_pb2().DataType.Value("TYPE_FP32")
+    triton_type = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8"}
+    dtype = _model_config_pb2().DataType.Value
     for got, want in ((cfg.input, inputs), (cfg.output, outputs)):
         assert [(t.name, t.data_type, list(t.dims)) for t in got] == \
-            [(w["name"], fp32, w["shape"][1:]) for w in want]
+            [(w["name"], dtype(triton_type[w["dtype"]]), w["shape"][1:]) for w in want]
     files = manifest["files"]
     assert files[f"deploy/triton/{name}/1/model.onnx"]["sha256"] == files["cloud.onnx"]["sha256"]
     isvc = yaml.safe_load((tiny_bundle / "deploy" / "kserve-inferenceservice.yaml").read_text())

@@ -45,16 +45,17 @@ def test_feature_reader_streams_memmap_rows(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def edge_data(tiny_bundle: Path, tiny_checkpoint: dict):
-    from mist_kit.calibration.features import from_cache
+def edge_data(tiny_bundle_fp32: Path, tiny_checkpoint: dict):
+    from mist_kit.calibration.features import real_data
     from mist_kit.checkpoint import load_checkpoint
     from mist_kit.exporters.quantize import Head
 
     config, method = load_checkpoint(tiny_checkpoint["checkpoint"])
-    data = from_cache(config, config.method.k, 128, 300, np.random.default_rng(0), None)
-    assert data is not None, "the tiny checkpoint's feature cache was not found"
+    data = real_data(config, None, calib=None, eval_data=None, n_calib=128, n_eval=300, need_held_out=True,
+                     rng=np.random.default_rng(0), transform=None, cache_root=None, log=print)
+    assert "cached" in data.notes[0] and "cached" in data.notes[1], data.notes  # both from the feature cache
     head = Head(method.head.weight.detach().numpy(), method.head.bias.detach().numpy())
-    return onnx.load(str(tiny_bundle / "edge.fp32.onnx")), data, head
+    return onnx.load(str(tiny_bundle_fp32 / "edge.fp32.onnx")), data, head
 
 
 def test_node_error_table_is_exact_for_identical_graphs(edge_data) -> None:

@@ -119,16 +119,14 @@ def bench_codecs(codecs: Sequence[str] | None = None, *, checkpoint: str | Path 
 
 def _bench_bundle(names: list[str], bundle: str | Path, data: str, on_codec: OnCodec | None, log: Log) -> BenchResult:
     """Torch-free: features from cloud.onnx, accuracy through edge.onnx + head for layout-preserving codecs."""
-    import onnxruntime as ort
-
     from mist_kit.data import load_image_list
-    from mist_kit.runtime.bundle import load_head_file
+    from mist_kit.runtime.bundle import open_edge_bundle
     from mist_kit.runtime.codec import create_codec
     from mist_kit.runtime.codec.extract import cloud_batches, cloud_session
-    from mist_kit.runtime.manifest import EDGE_FILE, HEAD_FILE, verify_files
+    from mist_kit.runtime.edge_session import EdgeSession
 
     sess, manifest = cloud_session(bundle)
-    verify_files(bundle, manifest, only=(EDGE_FILE, HEAD_FILE))
+    edge = EdgeSession(open_edge_bundle(bundle))  # verifies edge.onnx + head; runs it as a device does
     images = load_image_list(data)
     log(f"running cloud.onnx over {len(images)} images")
     base = create_codec(manifest["codec"])
@@ -142,16 +140,10 @@ def _bench_bundle(names: list[str], bundle: str | Path, data: str, on_codec: OnC
     calib_idx = np.arange(0, len(feats), 4)
     eval_idx = np.setdiff1d(np.arange(len(feats)), calib_idx)
     fitted = _fit_all(names, feats[calib_idx], prefix)
-    edge = ort.InferenceSession(str(Path(bundle) / EDGE_FILE), providers=["CPUExecutionProvider"])
-    head = load_head_file(Path(bundle) / HEAD_FILE, tuple(manifest["classes"]))
-    edge_inputs = [i.name for i in edge.get_inputs()]
 
     def logits(x: np.ndarray) -> np.ndarray:
-        out = []
-        for i in range(0, len(x), 64):
-            enc = base.encode(x[i:i + 64])  # the bundle's edge graph starts with the bundle codec's decoder
-            out.append(head.logits(edge.run(None, {k: enc[k] for k in edge_inputs})[0]))
-        return np.concatenate(out)
+        # the bundle's edge graph starts with the bundle codec's decoder: feed it that codec's encoding
+        return np.concatenate([edge.logits(base.encode(x[i:i + 64])) for i in range(0, len(x), 64)])
 
     x_eval, y_eval = feats[eval_idx], labels[eval_idx]
     base_logits = logits(x_eval)

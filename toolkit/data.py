@@ -52,6 +52,16 @@ class ImageList:
         h.update("\0".join(self.classes).encode())
         return h.hexdigest()
 
+    def labels_for(self, classes: Sequence[str]) -> np.ndarray:
+        """Labels as indices into `classes` (a model's class list), matched by name; -1 where a class is unknown.
+
+        A dataset may list its classes in another order, or only some of them: matching by name keeps accuracy
+        and agreement numbers honest when such data is scored against a model.
+        """
+        index = {name: i for i, name in enumerate(classes)}
+        return np.array([index.get(self.classes[lab], -1) if 0 <= lab < len(self.classes) else -1
+                         for lab in self.labels], dtype=np.int64)
+
 
 def _read_classes_txt(path: Path) -> tuple[str, ...] | None:
     classes_file = path.parent / "classes.txt"

@@ -26,8 +26,6 @@ def register(app: typer.Typer) -> None:
 def _cloud_batches(url: str, images: str, manifest: dict[str, Any], batch: int, token: str | None,
                    log: Any) -> Iterator[Any]:
     """Stream (ids, encoded tensors, labels) from the cloud model, CLOUD_CHUNK images at a time."""
-    import numpy as np
-
     from mist_kit.data import load_image_list
     from mist_kit.runtime.edge_run import Batch
 
@@ -37,9 +35,7 @@ def _cloud_batches(url: str, images: str, manifest: dict[str, Any], batch: int, 
         raise UsageError("--cloud: the KServe v2 client (mist_kit.runtime.v2_client) is not available in this "
                          "install; use --features F.safetensors from `mist-kit extract`") from None
     data = load_image_list(images)
-    index = {name: i for i, name in enumerate(manifest["classes"])}
-    labels = np.array([index.get(data.classes[lab], -1) if 0 <= lab < len(data.classes) else -1
-                       for lab in data.labels], dtype=np.int64)
+    labels = data.labels_for(manifest["classes"])
     for start in range(0, len(data.paths), CLOUD_CHUNK):
         paths = data.paths[start:start + CLOUD_CHUNK]
         # cloud requests carry up to 8 images whatever the edge batch: one round trip per image wastes the uplink

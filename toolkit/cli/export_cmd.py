@@ -34,6 +34,9 @@ def export(
     quantize: Annotated[QuantizeChoice, typer.Option(help="Edge graph precision")] = QuantizeChoice.int8,
     calib: Annotated[str | None, typer.Option(help="Calibration images (ImageFolder or list file) instead of "
                                                    "the checkpoint's feature cache")] = None,
+    eval_data: Annotated[str | None, typer.Option("--eval", help="Held-out images for the int8 agreement check "
+                                                               "(default: the val split unless the checkpoint "
+                                                               "was refit on it; labels optional)")] = None,
     min_agreement: Annotated[float, typer.Option(help="Minimum int8 vs fp32 top-1 agreement on held-out data")]
     = 0.99,
     mode: Annotated[str, typer.Option(help="int8 recipe: auto (measure and pick), dynamic, dynamic-per-channel, "
@@ -44,7 +47,8 @@ def export(
     n_calib: Annotated[int, typer.Option(help="Calibration samples")] = 256,
     n_eval: Annotated[int, typer.Option(help="Held-out samples for the agreement check")] = 1000,
     tflite: Annotated[bool, typer.Option("--tflite", help="Also write edge.tflite (int8, LiteRT extra)")] = False,
-    codec: Annotated[str | None, typer.Option(help="Feature codec (default: the checkpoint's)")] = None,
+    codec: Annotated[str | None, typer.Option(help="Feature codec (default: the checkpoint's; int8-channel "
+                                                     "for an fp32-trained one; fp32 for none)")] = None,
     model_name: Annotated[str | None, typer.Option(help="Served name of the cloud model")] = None,
     weights: Annotated[Path | None, typer.Option(help="Backbone weights if moved since training")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root (default: the training one)")] = None,
@@ -58,7 +62,7 @@ def export(
 
     ops = tuple(x.strip() for x in op_types.split(",") if x.strip()) if op_types else None
     opts = ExportOptions(quantize=Precision(quantize.value), mode=mode, op_types=ops, min_agreement=min_agreement,
-                         calib=calib, n_calib=n_calib, n_eval=n_eval, tflite=tflite, codec=codec,
+                         calib=calib, eval_data=eval_data, n_calib=n_calib, n_eval=n_eval, tflite=tflite, codec=codec,
                          model_name=model_name, weights=str(weights) if weights else None, cache_dir=cache_dir)
     report = export_bundle(checkpoint, out, opts, log=logger(json_out))
     if json_out:
