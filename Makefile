@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch's PyPI wheel (CUDA build) runs on CPU; torchvision must match it for timm to import.
 TORCH_PINS := torch==2.14.0 torchvision==0.29.0
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench lint clean tflite-env tflite-test tflite-bench
 
 install: $(STAMP)
 
@@ -33,6 +33,27 @@ bench: install
 	nice -n 10 $(BIN)/python bench/runtime_caltech.py --from-cache
 	nice -n 10 $(BIN)/python bench/serve_load.py --bundle $(W)/runtime/bundle --checkpoint $(W)/mist/checkpoint
 	bench/aarch64/run_aarch64.sh
+
+# `export --tflite` needs the tflite extra, which downgrades typing_extensions/pydantic (and pulls jax,
+# transformers, torchao): it lives in its own environment, outside the repo, never in .venv.
+TFLITE_VENV ?= ../tflite-venv
+TFLITE_STAMP := $(TFLITE_VENV)/.installed
+
+tflite-env: $(TFLITE_STAMP)
+
+$(TFLITE_STAMP): pyproject.toml
+	$(PY) -m venv $(TFLITE_VENV)
+	$(TFLITE_VENV)/bin/pip install -q --upgrade pip
+	$(TFLITE_VENV)/bin/pip install -q $(TORCH_PINS)
+	$(TFLITE_VENV)/bin/pip install -q -e '.[train,dev,tflite]'
+	$(TFLITE_VENV)/bin/pip check
+	touch $(TFLITE_STAMP)
+
+tflite-test: tflite-env
+	$(TFLITE_VENV)/bin/python -m pytest -q tests/test_tflite.py
+
+tflite-bench: tflite-env
+	nice -n 10 $(TFLITE_VENV)/bin/python bench/export_tflite_caltech.py
 
 lint: install
 	$(BIN)/ruff check .
