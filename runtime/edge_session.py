@@ -130,8 +130,16 @@ class EdgeSession:
             raise InputError(f"{self.bundle.edge_path}: {len(details)} inputs, manifest edge.inputs {self.names}")
         out_index = interp.get_output_details()[0]["index"]
         state = {"batch": None}
+        # litert-torch 0.10 cannot convert LayerNorm with a dynamic batch, and XNNPack refuses to reshape the
+        # static graph: a batch-1 edge.tflite gets one row per invoke (results do not depend on the batch)
+        fixed_one = all(int(d["shape"][0]) == 1 and int(d.get("shape_signature", d["shape"])[0]) == 1
+                        for d in details)
 
-        def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        def run_rows(feeds: dict[str, np.ndarray]) -> np.ndarray:
+            n = next(iter(feeds.values())).shape[0]
+            return np.concatenate([run_batch({k: v[i:i + 1] for k, v in feeds.items()}) for i in range(n)])
+
+        def run_batch(feeds: dict[str, np.ndarray]) -> np.ndarray:
             batch = next(iter(feeds.values())).shape[0]
             if state["batch"] != batch:
                 for det, name in zip(details, self.names, strict=True):
@@ -143,7 +151,7 @@ class EdgeSession:
             interp.invoke()
             return np.array(interp.get_tensor(out_index))
 
-        return run
+        return run_rows if fixed_one else run_batch
 
     def embed(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
         """One batch of encoded features (names as manifest edge.inputs) -> embedding (B, E) float32."""

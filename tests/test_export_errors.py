@@ -111,13 +111,3 @@ def test_failed_validation_leaves_previous_bundle(tmp_path: Path, tiny_bundle: P
         write_bundle(out, art, {k: v for k, v in manifest.items() if k != "files"}, validate)
     assert seen and not seen[0].exists()
     assert json.loads((out / "manifest.json").read_text()) == {"old": True}
-
-
-def test_tflite_fails_fast_with_one_line(tiny_checkpoint: dict, tmp_path: Path) -> None:
-    """LiteRT conversion is not part of this build: --tflite must say so before any work, touching nothing."""
-    out = _old_bundle(tmp_path)
-    result = CliRunner().invoke(app, ["export", str(tiny_checkpoint["checkpoint"]), "--out", str(out), "--tflite"])
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: --tflite"), result.output
-    assert json.loads((out / "manifest.json").read_text()) == {"old": True}

@@ -82,6 +82,7 @@ def test_edge_session_runs_tflite_like_onnx(tflite_bundle: tuple[Path, dict]) ->
     x = rng.standard_normal((8, *shape)).astype(np.float32)
     name = bundle.inputs[0]["name"]
     lite_pred = np.concatenate([lite.logits({name: x[i:i + 1]}) for i in range(len(x))]).argmax(1)  # batch 1
+    np.testing.assert_array_equal(lite.logits({name: x}).argmax(1), lite_pred)  # a batch-1 graph takes batches
     ort_pred = ort.logits({name: x}).argmax(1)
     assert (lite_pred == ort_pred).mean() >= 0.75
 
