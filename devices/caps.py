@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import platform
 import resource
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from mist_kit.devices.profiles import DeviceProfile
 from mist_kit.errors import ResourceLimitError
 
 _M_ARENA_MAX = -8  # glibc mallopt parameter
+CAP_HEADROOM_MB = 256  # address space the edge runtime needs beyond what is mapped when the cap is applied
 
 
 def _proc_status_mb(field: str) -> float | None:
@@ -68,9 +70,11 @@ class Emulation:
     native: bool
     memory_cap_mb: int | None
     threads: int
+    cap_skipped: str = ""  # why a requested cap was not applied
 
     def note(self) -> str:
-        cap = f"memory cap {self.memory_cap_mb} MB (RLIMIT_AS)" if self.memory_cap_mb else "no memory cap"
+        cap = f"memory cap {self.memory_cap_mb} MB (RLIMIT_AS)" if self.memory_cap_mb else \
+            (f"no memory cap ({self.cap_skipped})" if self.cap_skipped else "no memory cap")
         if self.native:
             return f"{self.device}: {cap}, {self.threads} threads on a matching {self.host_arch} host"
         return (f"{self.device}: {cap}, {self.threads} threads; host is {self.host_arch}, so caps are emulated, "
@@ -106,6 +110,14 @@ def device_caps(profile: DeviceProfile, memory_cap_mb: int | None = None,
                     memory_cap_mb=cap, threads=profile.threads)
     if cap is None:
         yield emu
+        return
+    mapped = _proc_status_mb("VmSize")
+    if mapped is not None and mapped + CAP_HEADROOM_MB > cap:
+        # every later mmap (thread stacks, onnxruntime's arena) would fail, and onnxruntime can block for good
+        # when it cannot start its threads: skip the cap and say so, rather than hang
+        yield dataclasses.replace(emu, memory_cap_mb=None, cap_skipped=(
+            f"the {cap} MB cap was not applied: this process already maps {mapped:.0f} MB, e.g. torch loaded "
+            "in-process; `mist-kit run-edge` in a fresh process applies it"))
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     limit = cap * 1024 * 1024
