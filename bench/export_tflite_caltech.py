@@ -1,7 +1,7 @@
 """TFLite benchmark on the real Caltech-101 MIST model: edge.tflite int8 (litert-torch PT2E) vs fp32, and vs ORT.
 
-Builds, in one run and on the same features: the fp32 edge graph and its int8 onnxruntime graph (the recipe
-`--mode auto` picked in the `export` section, static-qdq-minmax, plus dynamic-per-channel), and the LiteRT graphs
+Builds, in one run and on the same features: the fp32 edge graph, two int8 onnxruntime graphs for comparison
+(static-qdq-minmax, the static recipe closest to LiteRT's, and dynamic-per-channel), and the LiteRT graphs
 (fp32 by litert-torch, int8 by `mist_kit.exporters.tflite.quantize_convert`, the code `export --tflite` runs),
 calibrated on 256 cached train gathers. Measured on the test split's cached gathers: file size, top-1, argmax
 agreement with the fp32 edge graph, and latency per image at batch 1 with one thread. Writes the `tflite` section
