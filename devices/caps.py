@@ -21,7 +21,6 @@ from mist_kit.devices.profiles import DeviceProfile
 from mist_kit.errors import ResourceLimitError
 
 _M_ARENA_MAX = -8  # glibc mallopt parameter
-CAP_HEADROOM_MB = 256  # address space the edge runtime needs beyond what is mapped when the cap is applied
 
 
 def _proc_status_mb(field: str) -> float | None:
@@ -112,7 +111,7 @@ def device_caps(profile: DeviceProfile, memory_cap_mb: int | None = None,
         yield emu
         return
     mapped = _proc_status_mb("VmSize")
-    if mapped is not None and mapped + CAP_HEADROOM_MB > cap:
+    if mapped is not None and mapped >= cap:
         # every later mmap (thread stacks, onnxruntime's arena) would fail, and onnxruntime can block for good
         # when it cannot start its threads: skip the cap and say so, rather than hang
         yield dataclasses.replace(emu, memory_cap_mb=None, cap_skipped=(
