@@ -24,17 +24,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 def _test_features(config, test_list: str, cache_root: Path, test_cache: Path | None):
     """The test split's g_k from the cache (computed with the frozen backbone if absent) and its labels."""
-    import json
+    from _caltech import bound_test_cache
 
-    from mist_kit.cache import CachedSplit
     from mist_kit.calibration.features import find_cached_split
 
     if test_cache is not None:  # a cache written by another bench (e.g. a bf16-backbone test subset)
-        meta = json.loads((test_cache / "meta.json").read_text())
-        b = meta["binding"]
-        if b["weights_sha256"] != config.backbone.weights_sha256 or config.method.k not in b["ks"]:
-            raise SystemExit(f"error: {test_cache}: cache is for other backbone weights or lacks k={config.method.k}")
-        split = CachedSplit(test_cache, meta)
+        split = bound_test_cache(config, test_cache)
         rows = split.valid()
         return split.gather(config.method.k), rows, np.asarray(split.labels())[rows]
     split = find_cached_split(config, test_list, config.method.k, cache_root)

@@ -13,7 +13,6 @@ of BENCHMARKS.md. Needs the tflite extra (`make tflite-env`), so run it with tha
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,13 +25,9 @@ DEFAULT_TEST_CACHE = ROOT / "bench" / "work" / "caltech" / "cache" / "test-6eb47
 
 
 def _test_features(config, test_cache: Path) -> tuple[np.ndarray, np.ndarray]:
-    from mist_kit.cache import CachedSplit
+    from _caltech import bound_test_cache
 
-    meta = json.loads((test_cache / "meta.json").read_text())
-    b = meta["binding"]
-    if b["weights_sha256"] != config.backbone.weights_sha256 or config.method.k not in b["ks"]:
-        raise SystemExit(f"error: {test_cache}: cache is for other backbone weights or lacks k={config.method.k}")
-    split = CachedSplit(test_cache, meta)
+    split = bound_test_cache(config, test_cache)
     rows = split.valid()
     labels = np.asarray(split.labels())[rows]
     if list(split.classes) and list(split.classes) != list(config.classes):

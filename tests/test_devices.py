@@ -73,6 +73,13 @@ def test_cli_list_show_and_unknown():
     assert res.output.strip().count("\n") == 0 and "unknown device 'pi9'" in res.output
 
 
+def _fresh_python(code: str) -> str:
+    """stdout of `code` run in a new interpreter (caps must never bite the test runner itself)."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
 def test_memory_cap_is_applied_and_restored():
     # in a fresh torch-free process, as `run-edge` runs: the test runner itself maps far more than 412 MB
     code = ("import resource\nfrom mist_kit.devices import get_device\n"
@@ -84,8 +91,7 @@ def test_memory_cap_is_applied_and_restored():
             "    assert ('caps are emulated' in emu.note()) == (host_arch() != 'aarch64')\n"
             "assert resource.getrlimit(resource.RLIMIT_AS) == before and peak_rss_mb() > 0\n"
             "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == "ok", out.stderr
+    assert _fresh_python(code) == "ok"
 
 
 def test_memory_cap_below_what_is_mapped_is_skipped_not_applied():
@@ -104,8 +110,7 @@ def test_memory_cap_turns_a_big_allocation_into_memory_error():
             "from mist_kit.devices.caps import device_caps\n"
             "with device_caps(get_device('rpi4'), memory_cap_mb=600):\n"
             "    try:\n        np.ones(200_000_000)\n    except MemoryError:\n        print('capped')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == "capped", out.stderr
+    assert _fresh_python(code) == "capped"
 
 
 def test_oom_text_recognised():
