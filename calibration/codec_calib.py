@@ -70,9 +70,9 @@ def fit_for_export(config: Any, name: str, cache_dir: Path | None = None,
     from mist_kit.calibration.features import find_cached_split
 
     base, _ = parse_codec_name(name)
-    if codec_params(base).pool > 1:
-        raise UsageError(f"--codec {name}: token pooling changes what the edge network sees; retrain it with "
-                         f"`mist-kit train --codec {name}` and export that checkpoint")
+    if codec_params(base).changes_tokens:
+        raise UsageError(f"--codec {name}: token pooling or selection changes what the edge network sees; retrain "
+                         f"it with `mist-kit train --codec {name}` and export that checkpoint")
     k = config.method.k
     split = find_cached_split(config, config.training.get("train"), k, cache_dir)
     if split is None:

@@ -48,8 +48,12 @@ class Fragment:
 
 
 def _pool(f: Fragment, x: str, codec: Codec) -> str:
-    """(B, T, D) -> (B, T', D): p x p mean of the patch grid, prefix tokens concatenated in front."""
+    """(B, T, D) -> (B, T', D): p x p mean of the patch grid, prefix tokens concatenated in front; or the prefix
+    tokens alone for a prefix-only codec."""
     p, n, g, d = codec.params.pool, int(codec.prefix or 0), codec.grid, int(codec.dim or 0)
+    if codec.params.prefix_only:
+        return f.op("Slice", [x, f.const("zstart", [0], np.int64), f.const("zend", [n], np.int64),
+                              f.const("zaxis", [1], np.int64)])
     if p == 1:
         return x
     big = np.iinfo(np.int64).max

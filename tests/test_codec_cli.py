@@ -49,6 +49,35 @@ def test_train_with_codec_records_it_and_trains_on_pooled_tokens(codec_checkpoin
 
 
 
+def test_train_with_cls_codec_trains_on_the_cls_token_alone(tiny_checkpoint: dict, digits_lists: dict,
+                                                           tiny_weights: Path, tmp_path: Path) -> None:
+    from mist_kit.calibration.codec_calib import fit_for_export
+    from mist_kit.checkpoint import load_checkpoint
+    from mist_kit.edge.lae import LowRankAttentionEdge
+    from mist_kit.errors import UsageError
+    from mist_kit.pipeline import TrainRequest, run_training
+    from mist_kit.train import TrainParams
+
+    req = TrainRequest(backbone="test_vit", weights=str(tiny_weights), img_size=32, train=str(digits_lists["train"]),
+                       val=str(digits_lists["val"]), out=tmp_path / "cls", k=2,
+                       params=TrainParams(epochs=2, lr=1e-2, seed=0), progress=False,
+                       cache_dir=Path(tiny_checkpoint["out"]) / "cache")
+    report = run_training(req, log=lambda _m: None, codec={"name": "cls-int8"})
+    config, model = load_checkpoint(report["checkpoint"])
+    assert config.codec["name"] == "cls-int8" and config.codec["num_tokens"] == 1 and model.num_tokens == 1
+    with pytest.raises(UsageError, match="retrain"):  # an fp32 checkpoint cannot be exported with it
+        fit_for_export(config, "cls-int8")
+    with pytest.raises(ValueError, match="pool='cls'"):  # nothing to average without patch tokens
+        LowRankAttentionEdge(embed_dim=8, num_tokens=1, num_prefix_tokens=1, num_classes=3, pool="mean")
+    from mist_kit.calibration.modes import Precision
+    from mist_kit.exporters.export import export_bundle
+    from mist_kit.runtime.manifest import read_manifest
+
+    exported = export_bundle(report["checkpoint"], tmp_path / "bundle", quantize=Precision.NONE, log=lambda _m: None)
+    assert exported.ok, exported.problems  # the exporter checks the graphs (codec fragments included) against torch
+    assert read_manifest(tmp_path / "bundle")["codec"]["name"] == "cls-int8"
+
+
 def test_evaluate_applies_the_recorded_codec(codec_checkpoint: dict, digits_lists: dict) -> None:
     from mist_kit.pipeline import run_evaluation
 

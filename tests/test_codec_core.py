@@ -83,6 +83,21 @@ def test_pooling_averages_patch_blocks_and_keeps_prefix(feats: np.ndarray) -> No
     assert codec.out_tokens == 5 and codec.spec()["num_tokens"] == 5
 
 
+def test_prefix_only_codecs_send_exactly_the_prefix_tokens() -> None:
+    x = synthetic_features(4, 2 + GRID * GRID, DIM, prefix=2, seed=3)  # cls + one register token
+    half = fit_codec("cls-fp16", x, 2)
+    enc = half.encode(x)["features"]
+    assert enc.shape == (4, 2, DIM) and half.out_tokens == 2 and half.spec()["num_tokens"] == 2
+    np.testing.assert_array_equal(enc, x[:, :2].astype(np.float16))
+    assert half.bytes_per_image() == 2 * DIM * 2
+    q = fit_codec("cls-int8", x, 2)
+    assert q.outputs()[0].shape == (2, DIM) and q.bytes_per_image() == 2 * DIM
+    np.testing.assert_array_equal(q.scale, np.abs(x[:, :2]).reshape(-1, DIM).max(0) / np.float32(127))
+    assert np.all(np.abs(q.roundtrip(x) - x[:, :2]) <= q.scale * 0.5 * (1 + 1e-5))  # absmax: nothing clips
+    with pytest.raises(CodecError, match="prefix"):
+        fit_codec("cls-int8", x, 0)  # no cls token to send
+
+
 def test_int4_packs_two_values_per_byte(feats: np.ndarray) -> None:
     codec = fit_codec("int4-channel", feats, PREFIX)
     packed = codec.encode(feats)["features_q4"]
@@ -121,6 +136,11 @@ def test_contradictory_params_are_rejected() -> None:
         CodecParams(quant=Quant.INT8, percentile=0)
     with pytest.raises(UsageError):
         CodecParams(quant=Quant.FP16, prefix_scales=True)
+    with pytest.raises(UsageError, match="prefix_only"):
+        CodecParams(quant=Quant.INT8, pool=2, prefix_only=True)
+    assert CodecParams(quant=Quant.FP16, prefix_only=True).changes_tokens
+    assert CodecParams(quant=Quant.INT4, pool=2).changes_tokens
+    assert not CodecParams(quant=Quant.INT4).changes_tokens
 
 
 def test_spec_problems_are_one_codec_error(feats: np.ndarray) -> None:

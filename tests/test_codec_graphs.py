@@ -84,7 +84,8 @@ def _toy_edge(tokens: int, opset: int = 17) -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.parametrize("name", ["int8-channel", "int8-token", "pool2-int4", "pool4-int8", "fp16"])
+@pytest.mark.parametrize("name", ["int8-channel", "int8-token", "pool2-int4", "pool4-int8", "fp16",
+                                  "cls-int8"])
 def test_attached_fragments_run_end_to_end(name: str) -> None:
     rng = np.random.default_rng(1)
     cloud = _toy_cloud()

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from mist_kit.errors import CodecError
-from mist_kit.runtime.codec import create_codec, decode_payload, encode_payload, fit_codec, list_codecs
+from mist_kit.runtime.codec import codec_params, create_codec, decode_payload, encode_payload, fit_codec, list_codecs
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
@@ -29,10 +29,9 @@ def features(draw: st.DrawFn) -> tuple[np.ndarray, int]:
 
 
 def _usable(name: str, prefix: int, tokens: int, dim: int) -> bool:
+    p = codec_params(name)
     grid = int(np.sqrt(tokens - prefix))
-    pool = 4 if name.startswith("pool4") else 2 if name.startswith("pool2") else 1
-    rank = int(name[3:].split("-")[0]) if name.startswith("pca") else 0
-    return grid % pool == 0 and rank <= dim
+    return grid % p.pool == 0 and (p.rank or 0) <= dim and (prefix >= 1 or not p.prefix_only)
 
 
 @SETTINGS

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from mist_kit.runtime.codec.codec import Codec
-from mist_kit.runtime.codec.params import CodecParams, Quant
 from mist_kit.runtime.codec.wire import encode_payload
 
 ZSTD_LEVEL = 3
@@ -75,7 +74,7 @@ def measure(codec: Codec, x: np.ndarray, repeats: int = 3) -> dict[str, Any]:
     n, t, d = x.shape
     enc, t_enc = _best_time(lambda: codec.encode(x), repeats)
     dec, t_dec = _best_time(lambda: codec.decode(enc), repeats)
-    ref = Codec(codec.name, CodecParams(quant=Quant.FP32, pool=codec.params.pool), t, d, codec.prefix).pool(x)
+    ref = Codec(codec.name, codec.params.geometry_only(), t, d, codec.prefix).pool(x)
     raw = codec.bytes_per_image()
     zstd = len(encode_payload(codec, enc, zstd_level=ZSTD_LEVEL)) / n
     mb = x.nbytes / 1e6

@@ -3,7 +3,9 @@
 Choices follow the measurements in issue 6 on the Caltech-101 DINOv2 model: per-channel int8 is near lossless;
 int4 needs a 99.99th-percentile scale (absmax wastes its 16 levels on rare outliers); PCA loses the
 low-variance directions that carry class information; pooling patch tokens 2x2 (the edge network retrained on
-them) keeps accuracy while cutting tokens 4x.
+them) keeps accuracy while cutting tokens 4x. At k = N (all blocks in the cloud) the cls token has already
+attended to every patch: sending it alone (`cls-int8`, the edge network retrained on it) cross-validated as well as
+4x4 pooling + int4 at 1/8.5 of its bytes (BENCHMARKS.md, codec section); at smaller k it has seen less.
 """
 
 from __future__ import annotations
@@ -90,3 +92,15 @@ def pool4_int8() -> CodecParams:
 def pool4_int4() -> CodecParams:
     """4x4 pooling, then int4 per channel: 1/100 of fp32 territory."""
     return CodecParams(quant=Quant.INT4, pool=4, percentile=P9999, prefix_scales=True)
+
+
+@register_codec("cls-fp16")
+def cls_fp16() -> CodecParams:
+    """The prefix (cls) tokens alone, float16: 768 B for ViT-S (1/514 of fp32); the edge net reads the cls token."""
+    return CodecParams(quant=Quant.FP16, prefix_only=True)
+
+
+@register_codec("cls-int8")
+def cls_int8() -> CodecParams:
+    """The prefix (cls) tokens alone, int8 per channel (absmax scales): 384 B for ViT-S (1/1028 of fp32)."""
+    return CodecParams(quant=Quant.INT8, prefix_only=True)

@@ -79,6 +79,12 @@ class Codec:
             if self.grid * self.grid != tokens - prefix or self.grid % params.pool:
                 raise CodecError(f"codec {name!r}: {params.pool}x{params.pool} pooling needs a square patch grid "
                                  f"divisible by {params.pool}; got {tokens - prefix} patch tokens")
+        if params.prefix_only:
+            if tokens is None or prefix is None or dim is None:
+                raise CodecError(f"codec {name!r}: sending the prefix tokens needs the token geometry "
+                                 "(tokens, prefix, dim)")
+            if prefix < 1:
+                raise CodecError(f"codec {name!r} sends only the prefix (cls) tokens; these features have none")
         if params.quant is Quant.INT4 and dim is not None and dim % 2:
             raise CodecError(f"codec {name!r}: int4 packs two channels per byte; D={dim} is odd")
         if params.calibrated and (scale is None or dim is None or tokens is None):
@@ -95,7 +101,7 @@ class Codec:
         _, t, d = x.shape
         if not 0 <= num_prefix_tokens < t:
             raise CodecError(f"codec calibration: prefix tokens {num_prefix_tokens} do not fit T={t}")
-        bare = cls(name, CodecParams(quant=Quant.FP32, pool=params.pool), t, d, num_prefix_tokens)
+        bare = cls(name, params.geometry_only(), t, d, num_prefix_tokens)
         pooled = bare.pool(x)  # (N, T', D)
         kw: dict[str, Any] = {}
         q = params.quant
@@ -160,7 +166,9 @@ class Codec:
     # ---- geometry -----------------------------------------------------------------------------------------------
     @property
     def out_tokens(self) -> int | None:
-        """T': tokens the device receives (prefix + pooled grid)."""
+        """T': tokens the device receives (prefix + pooled grid, or the prefix alone)."""
+        if self.params.prefix_only:
+            return self.prefix
         if self.tokens is None or self.params.pool == 1:
             return self.tokens
         return int(self.prefix or 0) + (self.grid // self.params.pool) ** 2
@@ -211,7 +219,10 @@ class Codec:
         return x
 
     def pool(self, x: np.ndarray) -> np.ndarray:
-        """p x p average pooling of the patch grid, prefix tokens kept: (B, T, D) -> (B, T', D)."""
+        """The tokens the codec sends: p x p average pooling of the patch grid with the prefix tokens kept, or the
+        prefix tokens alone (prefix_only): (B, T, D) -> (B, T', D)."""
+        if self.params.prefix_only:
+            return np.ascontiguousarray(x[:, :int(self.prefix or 0)])
         p = self.params.pool
         if p == 1:
             return x

@@ -36,6 +36,8 @@ class CodecParams:
     percentile: per-channel clipping statistic of |x| for calibrated scales (100 = absmax).
     prefix_scales: give prefix (cls/register) tokens their own per-channel scales; their range differs from the
         patch tokens' and there are only a few of them, so sharing one scale wastes the patch tokens' precision.
+    prefix_only: send the prefix tokens (cls and any registers) alone and drop every patch token; like pooling it
+        changes what the device sees (its edge network must be trained on it, with cls pooling).
     """
 
     quant: Quant
@@ -43,6 +45,7 @@ class CodecParams:
     percentile: float = 100.0
     rank: int | None = None
     prefix_scales: bool = False
+    prefix_only: bool = False
 
     def __post_init__(self) -> None:
         if self.pool < 1:
@@ -55,6 +58,17 @@ class CodecParams:
             raise UsageError(f"codec PCA rank must be >= 1, got {self.rank}")
         if self.prefix_scales and self.quant not in (Quant.INT8, Quant.INT4):
             raise UsageError("prefix_scales applies to per-channel int8/int4 codecs only")
+        if self.prefix_only and (self.pool > 1 or self.prefix_scales):
+            raise UsageError("prefix_only sends the prefix tokens alone: no pooling, no separate prefix scales")
+
+    @property
+    def changes_tokens(self) -> bool:
+        """Whether the device sees other tokens than the gather's (its edge network must be trained on them)."""
+        return self.pool > 1 or self.prefix_only
+
+    def geometry_only(self) -> CodecParams:
+        """The same token selection (pooling / prefix only) with a lossless float32 quantizer."""
+        return CodecParams(quant=Quant.FP32, pool=self.pool, prefix_only=self.prefix_only)
 
     @property
     def calibrated(self) -> bool:

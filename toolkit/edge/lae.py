@@ -52,6 +52,9 @@ class LowRankAttentionEdge(EdgeMethod):
                          num_classes=num_classes)
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        if pool == "mean" and num_tokens <= num_prefix_tokens:
+            raise ValueError("pool='mean' averages patch tokens and these features have none (a cls-only codec); "
+                             "use pool='cls'")
         if pool == "cls" and num_prefix_tokens < 1:
             raise ValueError("pool='cls' needs a backbone with a cls token; use pool='mean'")
         self.rank, self.depth, self.pool, self.dropout_p = rank, depth, pool, dropout
