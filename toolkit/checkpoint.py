@@ -30,7 +30,7 @@ def build_method(config: CheckpointConfig, num_tokens: int | None = None) -> Edg
         return create_edge_method(config.method.name, embed_dim=b.embed_dim, num_tokens=num_tokens or b.num_tokens,
                                   num_prefix_tokens=b.num_prefix_tokens, num_classes=len(config.classes),
                                   **config.method.params)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{CONFIG_FILE}: method.params do not fit method {config.method.name!r} ({exc})") \
             from None
 
