@@ -149,18 +149,49 @@ def _held_out_from(source: str, config: CheckpointConfig, gather: Any, n: int, r
     return _chunks(x), images.labels_for(config.classes)[rows], f"held-out: {len(rows)} images of {source}"
 
 
+def held_out_source(config: CheckpointConfig, calib: str | None, eval_data: str | None,
+                    cache_root: Path | None = None) -> str | None:
+    """Where an export's held-out data comes from (None: nowhere); called before any export work starts.
+
+    `eval_data`, else the val split when the checkpoint was not refit on it, else `calib` (the images not used
+    for calibration) when it is not training data. Training rows never qualify: the network fits them with wide
+    margins, so int8 would look perfect there and the gate could never engage.
+    """
+    if eval_data is not None:
+        if _was_trained_on(config, eval_data):
+            raise InputError(f"--eval {eval_data}: the checkpoint was trained on this data; the int8 agreement "
+                             "check needs images it never saw")
+        return eval_data
+    t = config.training
+    val = t.get("val")
+    if val and not t.get("refit") and (Path(val).exists() or
+                                       find_cached_split(config, val, config.method.k, cache_root) is not None):
+        return str(val)
+    if calib is not None and not _was_trained_on(config, calib):
+        return calib
+    return None
+
+
+def no_held_out_error(config: CheckpointConfig) -> InputError:
+    why = ("was refit on train + val, so none of its data is held out" if config.training.get("refit")
+           else "has no val split readable here")
+    return InputError(f"the checkpoint {why}; the int8 agreement check needs images the edge network never "
+                      "trained on: pass --eval DATA (ImageFolder or list file; labels optional)")
+
+
 def real_data(config: CheckpointConfig, gather: Any, *, calib: str | None, eval_data: str | None, n_calib: int,
               n_eval: int, need_held_out: bool, rng: np.random.Generator, transform: Transform | None,
               cache_root: Path | None, log: Log) -> RealData:
-    """Calibration and held-out data for an export, held-out data never seen by the edge network's training.
+    """Calibration data, and held-out data the edge network never trained on (see `held_out_source`).
 
-    Calibration: `calib` images, else the training split's cache, else the training images. Held-out (the int8
-    agreement gate): `eval_data`, else the val split when the checkpoint was not refit on it, else the part of
-    `calib` not used for calibration when `calib` is not training data. Training rows are never used: the network
-    fits them with wide margins, so int8 would look perfect there (the gate could never engage).
+    Calibration: `calib` images, else the training split's cache, else the training images.
     """
     k = config.method.k
     t = config.training
+    source = held_out_source(config, calib, eval_data, cache_root)
+    if source is None and need_held_out:
+        raise no_held_out_error(config)
+    from_calib = source is not None and source == calib
     notes: list[str] = []
     calib_rows: ArrayBatches | InMemoryBatches | None = None
     spare: tuple[InMemoryBatches, np.ndarray, str] | None = None
@@ -179,36 +210,25 @@ def real_data(config: CheckpointConfig, gather: Any, *, calib: str | None, eval_
         images = load_image_list(calib)
         if len(images) < 2:
             raise InputError(f"{images.source}: --calib needs at least 2 images, found {len(images)}")
-        spare_ok = eval_data is None and not _was_trained_on(config, calib)
-        take = n_calib + (n_eval if spare_ok else 0)
+        take = n_calib + (n_eval if from_calib else 0)
         pick = rng.permutation(len(images))[:take]
         log(f"computing calibration gathers for {len(pick)} images of {images.source}")
         x = _image_gathers(images, pick, gather, config, transform)
-        n_c = min(n_calib, max(1, len(x) // 2)) if spare_ok else len(x)
+        n_c = min(n_calib, max(1, len(x) // 2)) if from_calib else len(x)
         calib_rows = _chunks(x[:n_c])
         notes.append(f"calibration: {n_c} images of {images.source}")
-        if spare_ok and len(x) > n_c:
+        if from_calib and len(x) > n_c:
             spare = (_chunks(x[n_c:]), images.labels_for(config.classes)[pick[n_c:]],
                      f"held-out: {len(x) - n_c} images of {images.source} not used for calibration")
 
     held: ArrayBatches | InMemoryBatches | None = None
     labels: np.ndarray | None = None
-    source = eval_data or (t.get("val") if t.get("val") and not t.get("refit") else None)
-    if eval_data is not None and _was_trained_on(config, eval_data):
-        raise InputError(f"--eval {eval_data}: the checkpoint was trained on this data; the int8 agreement check "
-                         "needs images it never saw")
-    if source is not None and (eval_data is not None or Path(source).exists()
-                               or find_cached_split(config, source, k, cache_root) is not None):
+    if source is not None and not from_calib:
         held, labels, note = _held_out_from(source, config, gather, n_eval, rng, transform, cache_root, log)
         notes.append(note)
     elif spare is not None:
-        (held, labels, note), source = spare, calib
+        held, labels, note = spare
         notes.append(note)
-    elif need_held_out:
-        why = ("was refit on train + val, so none of its data is held out" if t.get("refit")
-               else "has no val split readable here")
-        raise InputError(f"the checkpoint {why}; the int8 agreement check needs images the edge network never "
-                         "trained on: pass --eval DATA (ImageFolder or list file; labels optional)")
     else:
         notes.append("held-out: none (no data the checkpoint did not train on)")
     return RealData(calib_rows, held, labels, np.zeros((0,), np.float32), source or "", notes)
