@@ -31,8 +31,9 @@ def _test_features(config, test_cache: Path) -> tuple[np.ndarray, np.ndarray]:
     rows = split.valid()
     labels = np.asarray(split.labels())[rows]
     if list(split.classes) and list(split.classes) != list(config.classes):
-        index = {c: i for i, c in enumerate(config.classes)}
-        labels = np.array([index.get(split.classes[y], -1) for y in labels], np.int64)
+        from mist_kit.data import relabel
+
+        labels = relabel(labels, split.classes, config.classes)
     return np.asarray(split.gather(config.method.k)[rows], dtype=np.float32), labels
 
 

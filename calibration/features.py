@@ -20,7 +20,7 @@ import numpy as np
 from mist_kit.cache import CachedSplit, split_cache_dir
 from mist_kit.calibration.reader import ArrayBatches, InMemoryBatches, Transform
 from mist_kit.config import BackboneSpec, CheckpointConfig
-from mist_kit.data import ImageList, load_image_list, load_pixels
+from mist_kit.data import ImageList, load_image_list, load_pixels, relabel
 from mist_kit.errors import DataError, InputError
 
 Log = Callable[[str], None]
@@ -109,10 +109,8 @@ def _cached_rows(config: CheckpointConfig, source: str | None, k: int, n: int, r
         return None
     rows = np.sort(rng.permutation(split.valid())[:n])
     labels = np.asarray(split.labels())[rows]
-    names = split.classes
-    if names and list(names) != list(config.classes):  # same dataset, other class order: match by name
-        index = {c: i for i, c in enumerate(config.classes)}
-        labels = np.array([index.get(names[y], -1) if 0 <= y < len(names) else -1 for y in labels], np.int64)
+    if split.classes and list(split.classes) != list(config.classes):  # other class order: match by name
+        labels = relabel(labels, split.classes, config.classes)
     return ArrayBatches(split.gather(k), rows, transform=transform), labels
 
 

@@ -58,9 +58,13 @@ class ImageList:
         A dataset may list its classes in another order, or only some of them: matching by name keeps accuracy
         and agreement numbers honest when such data is scored against a model.
         """
-        index = {name: i for i, name in enumerate(classes)}
-        return np.array([index.get(self.classes[lab], -1) if 0 <= lab < len(self.classes) else -1
-                         for lab in self.labels], dtype=np.int64)
+        return relabel(self.labels, self.classes, classes)
+
+
+def relabel(labels: Sequence[int], names: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """`labels` indexing `names`, re-expressed as indices into `classes` by class name; -1 where unknown."""
+    index = {name: i for i, name in enumerate(classes)}
+    return np.array([index.get(names[lab], -1) if 0 <= lab < len(names) else -1 for lab in labels], dtype=np.int64)
 
 
 def _read_classes_txt(path: Path) -> tuple[str, ...] | None:
