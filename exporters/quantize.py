@@ -28,6 +28,7 @@ from mist_kit.calibration.node_errors import NodeError, node_error_table
 from mist_kit.calibration.reader import FeatureReader
 from mist_kit.errors import ExportError
 from mist_kit.exporters.onnx_utils import INT8_COMPUTE_OPS, int8_op_counts, op_counts, ort_session
+from mist_kit.runtime.edge_session import one_row_at_a_time
 
 Log = Callable[[str], None]
 Batches = Iterable[dict[str, np.ndarray]]
@@ -144,11 +145,14 @@ def embeddings(session: Any, batches: Batches, limit: int | None = None, per_row
     graphs row by row, see runtime.edge_session) will.
     """
     name = session.get_inputs()[0].name
+
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return session.run(None, feeds)[0]
+
     out, seen = [], 0
     for batch in batches:
-        x = next(iter(batch.values()))
-        rows = [x[i:i + 1] for i in range(len(x))] if per_row else [x]
-        out.append(np.concatenate([session.run(None, {name: r})[0] for r in rows]))
+        feeds = {name: next(iter(batch.values()))}
+        out.append(one_row_at_a_time(run, feeds) if per_row else run(feeds))
         seen += len(out[-1])
         if limit is not None and seen >= limit:
             break

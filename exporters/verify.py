@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mist_kit.exporters.onnx_utils import ort_session
-from mist_kit.runtime.edge_session import runs_per_row
+from mist_kit.runtime.edge_session import one_row_at_a_time, runs_per_row
 
 
 def run_chain(bundle: Path, manifest: dict[str, Any], pixels: np.ndarray, edge_key: str = "file") -> np.ndarray:
@@ -28,11 +28,11 @@ def run_chain(bundle: Path, manifest: dict[str, Any], pixels: np.ndarray, edge_k
     head = load_file(str(bundle / manifest["head"]["file"]))
     encoded = cloud.run([o["name"] for o in manifest["cloud"]["outputs"]], {"pixel_values": pixels})
     feeds = {e["name"]: x for e, x in zip(manifest["edge"]["inputs"], encoded, strict=True)}
-    if runs_per_row(manifest, manifest["edge"][edge_key]):  # dynamic int8: one image per call, as devices run it
-        emb = np.concatenate([edge.run(["embedding"], {k: v[i:i + 1] for k, v in feeds.items()})[0]
-                              for i in range(len(pixels))])
-    else:
-        emb = edge.run(["embedding"], feeds)[0]  # (B, E)
+    def run(f: dict[str, np.ndarray]) -> np.ndarray:
+        return edge.run(["embedding"], f)[0]  # (B, E)
+
+    # dynamic int8: one image per call, as devices run it
+    emb = one_row_at_a_time(run, feeds) if runs_per_row(manifest, manifest["edge"][edge_key]) else run(feeds)
     return emb @ head["weight"].T + head["bias"]  # (B, C)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,17 @@ class SessionSettings:
 
 def litert_available() -> bool:
     return importlib.util.find_spec("ai_edge_litert") is not None
+
+
+def one_row_at_a_time(run: Callable[[dict[str, np.ndarray]], np.ndarray],
+                      feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+    """`run` on each row of `feeds` in turn, outputs stacked along the batch axis.
+
+    For graphs whose answer must not depend on batch mates (dynamic int8, see `runs_per_row`) or that only take
+    batch 1 (edge.tflite from litert-torch 0.10).
+    """
+    n = len(next(iter(feeds.values())))
+    return np.concatenate([run({k: v[i:i + 1] for k, v in feeds.items()}) for i in range(n)])
 
 
 def runs_per_row(manifest: dict[str, Any], graph_file: str) -> bool:
@@ -114,12 +125,9 @@ class EdgeSession:
         out = EMBEDDING if EMBEDDING in out_names else out_names[0]
 
         def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
-            n = len(next(iter(feeds.values())))
-            if not self.per_row or n <= 1:
-                return sess.run([out], feeds)[0]
-            return np.concatenate([sess.run([out], {k: v[i:i + 1] for k, v in feeds.items()})[0] for i in range(n)])
+            return sess.run([out], feeds)[0]
 
-        return run
+        return (lambda feeds: one_row_at_a_time(run, feeds)) if self.per_row else run
 
     def _litert_runner(self) -> Any:
         from ai_edge_litert.interpreter import Interpreter
@@ -135,10 +143,6 @@ class EdgeSession:
         fixed_one = all(int(d["shape"][0]) == 1 and int(d.get("shape_signature", d["shape"])[0]) == 1
                         for d in details)
 
-        def run_rows(feeds: dict[str, np.ndarray]) -> np.ndarray:
-            n = next(iter(feeds.values())).shape[0]
-            return np.concatenate([run_batch({k: v[i:i + 1] for k, v in feeds.items()}) for i in range(n)])
-
         def run_batch(feeds: dict[str, np.ndarray]) -> np.ndarray:
             batch = next(iter(feeds.values())).shape[0]
             if state["batch"] != batch:
@@ -151,7 +155,7 @@ class EdgeSession:
             interp.invoke()
             return np.array(interp.get_tensor(out_index))
 
-        return run_rows if fixed_one else run_batch
+        return (lambda feeds: one_row_at_a_time(run_batch, feeds)) if fixed_one else run_batch
 
     def embed(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
         """One batch of encoded features (names as manifest edge.inputs) -> embedding (B, E) float32."""
