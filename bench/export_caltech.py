@@ -87,7 +87,7 @@ def main() -> int:
     head = Head(method.head.weight.detach().numpy(), method.head.bias.detach().numpy())
     say = lambda m: print(m, flush=True)  # noqa: E731
     # calibration: cached train gathers, as `mist-kit export` does (the checkpoint is refit: no held-out of its own)
-    data = real_data(config, None, calib=None, eval_data=None, n_calib=256, n_eval=0, need_held_out=False,
+    data = real_data(config, None, calib=None, held_out=None, n_calib=256, n_eval=0,
                      rng=np.random.default_rng(0), transform=None, cache_root=cache_root, log=say)
     feats, rows, labels = _test_features(config, args.test, cache_root, args.test_cache)
     # The test split is halved: the int8 gate (recipe choice + node fallback, labels unused) sees one half only,

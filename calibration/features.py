@@ -148,12 +148,13 @@ def _held_out_from(source: str, config: CheckpointConfig, gather: Any, n: int, r
 
 
 def held_out_source(config: CheckpointConfig, calib: str | None, eval_data: str | None,
-                    cache_root: Path | None = None) -> str | None:
-    """Where an export's held-out data comes from (None: nowhere); called before any export work starts.
+                    cache_root: Path | None = None, required: bool = False) -> str | None:
+    """Where an export's held-out data comes from (None: nowhere; an InputError if `required`).
 
     `eval_data`, else the val split when the checkpoint was not refit on it, else `calib` (the images not used
     for calibration) when it is not training data. Training rows never qualify: the network fits them with wide
-    margins, so int8 would look perfect there and the gate could never engage.
+    margins, so int8 would look perfect there and the gate could never engage. Cheap (no backbone): the export
+    calls it before any work starts.
     """
     if eval_data is not None:
         if _was_trained_on(config, eval_data):
@@ -167,28 +168,25 @@ def held_out_source(config: CheckpointConfig, calib: str | None, eval_data: str 
         return str(val)
     if calib is not None and not _was_trained_on(config, calib):
         return calib
+    if required:
+        why = "was refit on train + val, so none of its data is held out" if t.get("refit") else \
+            "has no val split readable here"
+        raise InputError(f"the checkpoint {why}; the int8 agreement check needs images the edge network never "
+                         "trained on: pass --eval DATA (ImageFolder or list file; labels optional)")
     return None
 
 
-def no_held_out_error(config: CheckpointConfig) -> InputError:
-    why = ("was refit on train + val, so none of its data is held out" if config.training.get("refit")
-           else "has no val split readable here")
-    return InputError(f"the checkpoint {why}; the int8 agreement check needs images the edge network never "
-                      "trained on: pass --eval DATA (ImageFolder or list file; labels optional)")
+def real_data(config: CheckpointConfig, gather: Any, *, calib: str | None, held_out: str | None, n_calib: int,
+              n_eval: int, rng: np.random.Generator, transform: Transform | None, cache_root: Path | None,
+              log: Log) -> RealData:
+    """Calibration data, and the held-out data `held_out` names (from `held_out_source`; None: none).
 
-
-def real_data(config: CheckpointConfig, gather: Any, *, calib: str | None, eval_data: str | None, n_calib: int,
-              n_eval: int, need_held_out: bool, rng: np.random.Generator, transform: Transform | None,
-              cache_root: Path | None, log: Log) -> RealData:
-    """Calibration data, and held-out data the edge network never trained on (see `held_out_source`).
-
-    Calibration: `calib` images, else the training split's cache, else the training images.
+    Calibration: `calib` images, else the training split's cache, else the training images. When `held_out` is
+    `calib` itself, the images not used for calibration are the held-out set.
     """
     k = config.method.k
     t = config.training
-    source = held_out_source(config, calib, eval_data, cache_root)
-    if source is None and need_held_out:
-        raise no_held_out_error(config)
+    source = held_out
     from_calib = source is not None and source == calib
     notes: list[str] = []
     calib_rows: ArrayBatches | InMemoryBatches | None = None

@@ -125,7 +125,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
     import torch
 
     from mist_kit.backbone import GatherModel, load_backbone_for
-    from mist_kit.calibration.features import held_out_source, no_held_out_error, parity_pixels, real_data
+    from mist_kit.calibration.features import held_out_source, parity_pixels, real_data
     from mist_kit.checkpoint import load_checkpoint
     from mist_kit.exporters import cloud_onnx, edge_onnx
     from mist_kit.exporters.bundle import Artifacts, ValidationFailed, base_manifest, model_name_for, write_bundle
@@ -145,9 +145,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
     if method.input_kind != "gather":
         raise UsageError(f"method {config.method.name!r} consumes the backbone's final cls token, not a gather; "
                          "split export supports gather methods (e.g. mist)")
-    if opts.quantize is Precision.INT8 and held_out_source(config, opts.calib, opts.eval_data,
-                                                           opts.cache_dir) is None:
-        raise no_held_out_error(config)  # before any work: the int8 gate would have nothing honest to score
+    # before any work: without data the network never trained on, the int8 gate would have nothing honest to score
+    held_out = held_out_source(config, opts.calib, opts.eval_data, opts.cache_dir,
+                               required=opts.quantize is Precision.INT8)
     b, k = config.backbone, config.method.k
     backbone = load_backbone_for(b, opts.weights)  # wrong weights fail before any work
     codec = _codec_spec(config, opts.codec, opts.cache_dir, log)
@@ -170,9 +170,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
     edge_fp32 = edge_onnx.export_edge(method, tokens, b.embed_dim)
     problems += edge_onnx.check_signature(edge_fp32, tokens, b.embed_dim, method.embedding_dim)
 
-    data = real_data(config, gather, calib=opts.calib, eval_data=opts.eval_data, n_calib=opts.n_calib,
-                     n_eval=opts.n_eval, need_held_out=opts.quantize is Precision.INT8, rng=rng,
-                     transform=transform, cache_root=opts.cache_dir, log=log)
+    data = real_data(config, gather, calib=opts.calib, held_out=held_out, n_calib=opts.n_calib,
+                     n_eval=opts.n_eval, rng=rng, transform=transform, cache_root=opts.cache_dir, log=log)
     for note in data.notes:
         log(note)
     head = Head(method.head.weight.detach().numpy().astype(np.float32),

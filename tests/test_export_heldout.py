@@ -29,14 +29,15 @@ def _refit_copy(tiny_checkpoint: dict, tmp_path: Path) -> Path:
     return dst
 
 
-def _real_data(checkpoint: Path | str, **kw):
-    from mist_kit.calibration.features import real_data
+def _real_data(checkpoint: Path | str, eval_data: str | None = None, need_held_out: bool = True):
+    """What export does: resolve the held-out source (required for int8), then load calibration + held-out data."""
+    from mist_kit.calibration.features import held_out_source, real_data
     from mist_kit.checkpoint import load_checkpoint
 
     config, _ = load_checkpoint(checkpoint)
-    args = {"calib": None, "eval_data": None, "n_calib": 64, "n_eval": 1000, "need_held_out": True,
-            "rng": np.random.default_rng(0), "transform": None, "cache_root": None, "log": lambda _m: None}
-    return config, real_data(config, None, **{**args, **kw})
+    held_out = held_out_source(config, None, eval_data, required=need_held_out)
+    return config, real_data(config, None, calib=None, held_out=held_out, n_calib=64, n_eval=1000,
+                             rng=np.random.default_rng(0), transform=None, cache_root=None, log=lambda _m: None)
 
 
 def test_plain_checkpoint_holds_out_its_val_split(tiny_checkpoint: dict, digits_lists: dict) -> None:

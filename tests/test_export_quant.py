@@ -46,12 +46,13 @@ def test_feature_reader_streams_memmap_rows(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def edge_data(tiny_bundle_fp32: Path, tiny_checkpoint: dict):
-    from mist_kit.calibration.features import real_data
+    from mist_kit.calibration.features import held_out_source, real_data
     from mist_kit.checkpoint import load_checkpoint
     from mist_kit.exporters.quantize import Head
 
     config, method = load_checkpoint(tiny_checkpoint["checkpoint"])
-    data = real_data(config, None, calib=None, eval_data=None, n_calib=128, n_eval=300, need_held_out=True,
+    held_out = held_out_source(config, None, None, required=True)
+    data = real_data(config, None, calib=None, held_out=held_out, n_calib=128, n_eval=300,
                      rng=np.random.default_rng(0), transform=None, cache_root=None, log=print)
     assert "cached" in data.notes[0] and "cached" in data.notes[1], data.notes  # both from the feature cache
     head = Head(method.head.weight.detach().numpy(), method.head.bias.detach().numpy())
