@@ -211,22 +211,34 @@ def _rename(g: onnx.GraphProto, old: str, new: str) -> None:
                     io[i] = new
 
 
+def _copy_for_codec(model: onnx.ModelProto, what: str, part: str) -> onnx.ModelProto:
+    """A copy of `model` to splice a codec fragment into; its opset must have what the fragment uses."""
+    if _opset(model) < MIN_OPSET:
+        raise ExportError(f"{what} opset {_opset(model)} < {MIN_OPSET}, needed by the codec {part}")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _yield_name(g: onnx.GraphProto, feat: str, codec: Codec, suffix: str) -> str:
+    """If the codec's own tensors are called `feat`, rename the graph's `feat` (+ suffix) and return the new name."""
+    if feat not in {s.name for s in codec.outputs()}:
+        return feat
+    _rename(g, feat, feat + suffix)
+    return feat + suffix
+
+
 def attach_encoder(cloud_model: onnx.ModelProto, codec: Codec | dict[str, Any],
                    features_output: str | None = None) -> onnx.ModelProto:
     """Append the codec's encoder to the cloud graph: its features output is replaced by the encoded tensors."""
     codec = as_codec(codec)
     if codec.lossless:
         return cloud_model
-    if _opset(cloud_model) < MIN_OPSET:
-        raise ExportError(f"cloud graph opset {_opset(cloud_model)} < {MIN_OPSET}, needed by the codec encoder")
-    model = onnx.ModelProto()
-    model.CopyFrom(cloud_model)
+    model = _copy_for_codec(cloud_model, "cloud graph", "encoder")
     g = model.graph
     feat = _single(list(g.output), "cloud graph outputs", features_output)
     keep = [o for o in g.output if o.name != feat]
-    if feat in {s.name for s in codec.outputs()}:  # e.g. fp16 also names its output `features`
-        _rename(g, feat, f"{feat}_raw")
-        feat = f"{feat}_raw"
+    feat = _yield_name(g, feat, codec, "_raw")  # e.g. fp16 also names its output `features`
     f, _ = encoder_fragment(codec, feat, opset=_opset(cloud_model))
     del g.output[:]
     g.output.extend(keep + _value_infos(codec))
@@ -241,17 +253,12 @@ def attach_decoder(edge_model: onnx.ModelProto, codec: Codec | dict[str, Any],
     codec = as_codec(codec)
     if codec.lossless:
         return edge_model
-    if _opset(edge_model) < MIN_OPSET:
-        raise ExportError(f"edge graph opset {_opset(edge_model)} < {MIN_OPSET}, needed by the codec decoder")
-    model = onnx.ModelProto()
-    model.CopyFrom(edge_model)
+    model = _copy_for_codec(edge_model, "edge graph", "decoder")
     g = model.graph
     init_names = {i.name for i in g.initializer}
     feat = _single([i for i in g.input if i.name not in init_names], "edge graph inputs", features_input)
     keep = [i for i in g.input if i.name != feat]
-    if feat in {s.name for s in codec.outputs()}:  # the encoded input takes the name; the core reads the decoded
-        _rename(g, feat, f"{feat}_decoded")
-        feat = f"{feat}_decoded"
+    feat = _yield_name(g, feat, codec, "_decoded")  # the encoded input takes the name; the core reads the decoded
     f = decoder_fragment(codec, feat)
     del g.input[:]
     g.input.extend(_value_infos(codec) + keep)
