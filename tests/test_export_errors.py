@@ -18,6 +18,16 @@ def _copy_checkpoint(tiny_checkpoint: dict, tmp_path: Path) -> Path:
     return dst
 
 
+def _export_with_config(tiny_checkpoint: dict, tmp_path: Path, edit) -> tuple:
+    """Export a copy of the checkpoint whose config.json went through `edit(cfg)`, over an old bundle."""
+    ckpt = _copy_checkpoint(tiny_checkpoint, tmp_path)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    edit(cfg)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    out = _old_bundle(tmp_path)
+    return CliRunner().invoke(app, ["export", str(ckpt), "--out", str(out)]), out
+
+
 def _old_bundle(tmp_path: Path) -> Path:
     out = tmp_path / "bundle"
     out.mkdir()
@@ -43,12 +53,7 @@ def test_corrupted_safetensors(tiny_checkpoint: dict, tmp_path: Path) -> None:
 
 
 def test_missing_config_field(tiny_checkpoint: dict, tmp_path: Path) -> None:
-    ckpt = _copy_checkpoint(tiny_checkpoint, tmp_path)
-    cfg = json.loads((ckpt / "config.json").read_text())
-    del cfg["backbone"]["embed_dim"]
-    (ckpt / "config.json").write_text(json.dumps(cfg))
-    out = _old_bundle(tmp_path)
-    result = CliRunner().invoke(app, ["export", str(ckpt), "--out", str(out)])
+    result, out = _export_with_config(tiny_checkpoint, tmp_path, lambda cfg: cfg["backbone"].pop("embed_dim"))
     _assert_clean_failure(result, out, "backbone.embed_dim")
 
 
@@ -56,24 +61,15 @@ def test_checkpoint_from_another_backbone_weights(tiny_checkpoint: dict, tmp_pat
     """The config names weights whose sha256 is not the one the edge network was trained on."""
     from mist_kit.backbone import save_random_backbone
 
-    ckpt = _copy_checkpoint(tiny_checkpoint, tmp_path)
     other = save_random_backbone("test_vit", tmp_path / "other.safetensors", img_size=32, seed=1)
-    cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["backbone"]["weights"] = str(other)
-    (ckpt / "config.json").write_text(json.dumps(cfg))
-    out = _old_bundle(tmp_path)
-    result = CliRunner().invoke(app, ["export", str(ckpt), "--out", str(out)])
+    result, out = _export_with_config(tiny_checkpoint, tmp_path,
+                                      lambda cfg: cfg["backbone"].update(weights=str(other)))
     _assert_clean_failure(result, out, "other weights")
 
 
 def test_checkpoint_from_another_backbone_width(tiny_checkpoint: dict, tmp_path: Path) -> None:
     """Edge weights trained for width 64 under a config claiming a width-128 backbone."""
-    ckpt = _copy_checkpoint(tiny_checkpoint, tmp_path)
-    cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["backbone"]["embed_dim"] = 128
-    (ckpt / "config.json").write_text(json.dumps(cfg))
-    out = _old_bundle(tmp_path)
-    result = CliRunner().invoke(app, ["export", str(ckpt), "--out", str(out)])
+    result, out = _export_with_config(tiny_checkpoint, tmp_path, lambda cfg: cfg["backbone"].update(embed_dim=128))
     _assert_clean_failure(result, out, "do not fit")
 
 
