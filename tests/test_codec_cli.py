@@ -173,3 +173,19 @@ def test_codec_bench_with_bundle(int8_bundle: Path, digits_lists: dict) -> None:
     byname = {r["codec"]: r for r in rows}
     assert byname["fp32"]["top1_delta"] == 0.0 and byname["int8-channel"]["agreement"] > 0.9
     assert byname["pool2-int4"]["top1"] is None and "checkpoint" in byname["pool2-int4"]["note"]
+
+
+def test_codec_bench_default_list_skips_codecs_the_features_cannot_take(int8_bundle: Path, digits_lists: dict):
+    """D = 64 on the tiny model: pca128 cannot exist there. The default list skips it (saying so); naming it fails."""
+    from mist_kit.runtime.codec import list_codecs
+
+    rows = _json(runner.invoke(app, ["codec", "bench", "--bundle", str(int8_bundle), "--data",
+                                     str(digits_lists["val"]), "--json"]))
+    names = [r["codec"] for r in rows]
+    assert "pca128-int8" not in names and "pca64-int8" in names and "fp32" in names
+    assert names == [n for n in list_codecs() if n in names]  # registry order kept
+    text = runner.invoke(app, ["codec", "bench", "--bundle", str(int8_bundle), "--data", str(digits_lists["val"])])
+    assert text.exit_code == 0 and "pca128-int8: skipped" in text.output
+    named = runner.invoke(app, ["codec", "bench", "--bundle", str(int8_bundle), "--data", str(digits_lists["val"]),
+                                "--codecs", "pca128-int8"])
+    assert named.exit_code == 2 and "PCA rank 128 exceeds D=64" in named.output

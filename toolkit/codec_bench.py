@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from mist_kit.errors import UsageError
+from mist_kit.errors import CodecError, UsageError
 from mist_kit.runtime.codec import Codec, codec_params, fit_codec, list_codecs, parse_codec_name
 from mist_kit.runtime.codec.bench import measure, synthetic_features
 
@@ -64,10 +64,22 @@ def _agreement_row(logits: np.ndarray, base_pred: np.ndarray, labels: np.ndarray
             "agreement": round(float(np.mean(pred == base_pred)), 4)}
 
 
-def _fit_all(names: Sequence[str], calib: np.ndarray, prefix: int) -> dict[str, Codec]:
+def _fit_all(names: Sequence[str], calib: np.ndarray, prefix: int, skip_unfit: bool = False,
+             log: Log | None = None) -> dict[str, Codec]:
+    """Each codec calibrated on `calib`, in order. A codec the feature geometry cannot take (PCA rank > D,
+    a patch grid pooling cannot divide) fails the bench when the user named it, and is skipped with a log line
+    when the list is the registry default (`skip_unfit`): a small model should not abort `codec bench`."""
     for name in names:
         codec_params(parse_codec_name(name)[0])  # unknown names fail before any work
-    return {name: fit_codec(name, calib, prefix) for name in names}
+    fitted = {}
+    for name in names:
+        try:
+            fitted[name] = fit_codec(name, calib, prefix)
+        except CodecError as exc:
+            if not skip_unfit:
+                raise
+            (log or print)(f"{name}: skipped, does not fit these features ({exc})")
+    return fitted
 
 
 def bench_codecs(codecs: Sequence[str] | None = None, *, checkpoint: str | Path | None = None,
@@ -78,6 +90,7 @@ def bench_codecs(codecs: Sequence[str] | None = None, *, checkpoint: str | Path 
                  log: Log = print) -> BenchResult:
     """Measure `codecs` (default: all registered) on the chosen feature source; see the module docstring."""
     names = list(codecs or list_codecs())
+    skip_unfit = codecs is None  # the registry default: skip codecs these features cannot take
     if retrain not in RETRAIN_MODES:
         raise UsageError(f"retrain must be one of {RETRAIN_MODES}, got {retrain!r}")
     if checkpoint is not None and bundle is not None:
@@ -86,29 +99,29 @@ def bench_codecs(codecs: Sequence[str] | None = None, *, checkpoint: str | Path 
         raise UsageError("--checkpoint/--bundle measure accuracy on labelled data: pass --data DATA")
     if features is not None:  # real features without a model: bytes, fidelity and speed only
         x = np.asarray(features, dtype=np.float32)
-        fitted = _fit_all(names, x[::2], num_prefix_tokens)  # calibrate on even rows, measure on odd rows
+        fitted = _fit_all(names, x[::2], num_prefix_tokens, skip_unfit, log)  # calibrate on even rows, measure odd
         rows = []
-        for name in names:
+        for name, codec in fitted.items():
             if on_codec:
                 on_codec(name)
-            rows.append({**measure(fitted[name], x[1::2][:MEASURE_IMAGES]), "top1": None, "top1_delta": None,
+            rows.append({**measure(codec, x[1::2][:MEASURE_IMAGES]), "top1": None, "top1_delta": None,
                          "agreement": None, "retrained": False, "jpeg_q90_bytes": None, "source": "features"})
         return BenchResult(rows, "features", (int(x.shape[1]), int(x.shape[2])), None,
                            [f"given features {list(x.shape)}: codecs calibrated on even rows, measured on odd rows"])
     if checkpoint is not None:
         from mist_kit.codec_bench_model import bench_checkpoint
 
-        return bench_checkpoint(names, checkpoint, str(data), cache_dir, weights, retrain, on_codec, log)
+        return bench_checkpoint(names, checkpoint, str(data), cache_dir, weights, retrain, on_codec, log, skip_unfit)
     if bundle is not None:
-        return _bench_bundle(names, bundle, str(data), on_codec, log)
+        return _bench_bundle(names, bundle, str(data), on_codec, log, skip_unfit)
     n, t, d = synthetic_shape
     x = synthetic_features(n, t, d, prefix=1, seed=0)
-    fitted = _fit_all(names, x, 1)
+    fitted = _fit_all(names, x, 1, skip_unfit, log)
     rows = []
-    for name in names:
+    for name, codec in fitted.items():
         if on_codec:
             on_codec(name)
-        rows.append({**measure(fitted[name], x), "top1": None, "top1_delta": None, "agreement": None,
+        rows.append({**measure(codec, x), "top1": None, "top1_delta": None, "agreement": None,
                      "retrained": False, "jpeg_q90_bytes": None})
     for row in rows:
         row["source"] = "synthetic"
@@ -117,7 +130,8 @@ def bench_codecs(codecs: Sequence[str] | None = None, *, checkpoint: str | Path 
                         "speed only; accuracy needs a model and labelled data"])
 
 
-def _bench_bundle(names: list[str], bundle: str | Path, data: str, on_codec: OnCodec | None, log: Log) -> BenchResult:
+def _bench_bundle(names: list[str], bundle: str | Path, data: str, on_codec: OnCodec | None, log: Log,
+                  skip_unfit: bool = False) -> BenchResult:
     """Torch-free: features from cloud.onnx, accuracy through edge.onnx + head for layout-preserving codecs."""
     from mist_kit.data import load_image_list
     from mist_kit.runtime.bundle import open_edge_bundle
@@ -139,7 +153,7 @@ def _bench_bundle(names: list[str], bundle: str | Path, data: str, on_codec: OnC
         notes.append(f"the bundle's codec {base.name} pools tokens: other codecs are measured on its output")
     calib_idx = np.arange(0, len(feats), 4)
     eval_idx = np.setdiff1d(np.arange(len(feats)), calib_idx)
-    fitted = _fit_all(names, feats[calib_idx], prefix)
+    fitted = _fit_all(names, feats[calib_idx], prefix, skip_unfit, log)
 
     def logits(x: np.ndarray) -> np.ndarray:
         # the bundle's edge graph starts with the bundle codec's decoder: feed it that codec's encoding
@@ -150,10 +164,9 @@ def _bench_bundle(names: list[str], bundle: str | Path, data: str, on_codec: OnC
     base_pred, base_top1 = base_logits.argmax(1), float(np.mean(base_logits.argmax(1) == y_eval))
     jpeg = jpeg_q90_bytes([images.paths[i] for i in eval_idx], int(manifest["input"]["size"]))
     rows = []
-    for name in names:
+    for name, codec in fitted.items():
         if on_codec:
             on_codec(name)
-        codec = fitted[name]
         row = {**measure(codec, x_eval[:MEASURE_IMAGES]), "top1": None, "top1_delta": None, "agreement": None,
                "retrained": False, "jpeg_q90_bytes": jpeg}
         if codec.out_tokens == feats.shape[1]:

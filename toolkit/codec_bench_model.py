@@ -41,7 +41,8 @@ def _gathers(config: Any, source: str, k: int, root: Path, backbone: Any, log: L
 
 
 def bench_checkpoint(names: list[str], checkpoint: str | Path, data: str, cache_dir: Path | None,
-                     weights: str | None, retrain: str, on_codec: OnCodec | None, log: Log) -> BenchResult:
+                     weights: str | None, retrain: str, on_codec: OnCodec | None, log: Log,
+                     skip_unfit: bool = False) -> BenchResult:
     """See module docstring; `data` is the labelled evaluation set (e.g. the test split)."""
     from mist_kit.backbone import load_backbone_for
     from mist_kit.checkpoint import build_method, load_checkpoint, resolve_checkpoint_dir
@@ -106,14 +107,13 @@ def bench_checkpoint(names: list[str], checkpoint: str | Path, data: str, cache_
     base_pred = base_logits.argmax(1)
     base_top1 = float(np.mean(base_pred == y_test))
     fitted = _fit_all(names, x_tr[np.unique(np.linspace(0, len(x_tr) - 1, min(256, len(x_tr))).astype(int))],
-                      prefix)
+                      prefix, skip_unfit, log)
     jpeg = jpeg_q90_bytes(list(load_image_list(data).paths), config.backbone.img_size)
     sample = np.asarray(x_test[:MEASURE_IMAGES], dtype=np.float32)
     rows = []
-    for name in names:
+    for name, codec in fitted.items():
         if on_codec:
             on_codec(name)
-        codec = fitted[name]
         row = {**measure(codec, sample), "retrained": False, "train_seconds": None, "jpeg_q90_bytes": jpeg}
         changes_tokens = codec.out_tokens != config.backbone.num_tokens
         if codec.lossless and not (retrain == "all" or not own_is_fp32):

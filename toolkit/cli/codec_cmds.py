@@ -125,8 +125,8 @@ def bench(
             progress.update(task, description=f"codec {name}")
             progress.advance(task)
 
-        result = bench_codecs(names, checkpoint=checkpoint, bundle=bundle, data=data, cache_dir=cache_dir,
-                              weights=str(weights) if weights else None, retrain=retrain.value,
+        result = bench_codecs(names if codecs else None, checkpoint=checkpoint, bundle=bundle, data=data,
+                              cache_dir=cache_dir, weights=str(weights) if weights else None, retrain=retrain.value,
                               on_codec=on_codec, log=logger(json_out))
     if plot is not None:
         write_plot(result.rows, plot, f"mist-kit codec bench ({result.source} features)")
