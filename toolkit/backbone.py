@@ -1,8 +1,6 @@
-"""The frozen cloud backbone: any timm VisionTransformer, and MIST's gather g_k = z_0 + z_1 + ... + z_k.
+"""The frozen cloud backbone: create a timm ViT (VisionTransformer, Eva, Beit families) and load its weights.
 
-z_0 is the token sequence entering block 1 (patch embedding + position embedding + cls/register tokens, after
-`norm_pre`), z_i the output of block i before the final norm. We iterate timm's blocks directly (no hooks), using
-the same prologue as timm's own `forward_features` / `forward_intermediates`.
+Running it (the tensors a cloud plan asks for) lives in `mist_kit.backbone_run`.
 """
 
 from __future__ import annotations
@@ -11,8 +9,8 @@ import difflib
 import os
 import socket
 import threading
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,6 +35,18 @@ def _check_name(name: str) -> None:
         close = difflib.get_close_matches(name, timm.list_models("vit*") + timm.list_models("deit*"), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('vit_*')"
         raise UsageError(f"unknown backbone {name!r}{hint}")
+
+
+def _is_vit_family(name: str) -> bool:
+    """Whether timm builds `name` with one of the supported ViT classes (checked from the registry, no build)."""
+    _timm()
+    from timm.models import model_entrypoint
+
+    try:
+        fn = model_entrypoint(name)
+    except Exception:  # unknown names are reported by _check_name
+        return True
+    return fn.__module__.rsplit(".", 1)[-1] in ("vision_transformer", "eva", "beit")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -101,6 +111,14 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _checkpoint_filter(model: nn.Module):
+    """timm's own state-dict converter for the model's family (position-embedding resampling, key renames)."""
+    import importlib
+
+    module = importlib.import_module(type(model).__module__)
+    return getattr(module, "checkpoint_filter_fn", lambda state, _model: state)
+
+
 def create_vit(name: str, img_size: int | None = None, weights: str | Path | None = None,
                pretrained: bool = False, seed: int | None = None) -> nn.Module:
     """Create a timm VisionTransformer in eval mode with frozen parameters.
@@ -112,11 +130,14 @@ def create_vit(name: str, img_size: int | None = None, weights: str | Path | Non
         raise UsageError("cannot use both --weights and --pretrained; pick one weight source")
     _check_name(name)
     timm = _timm()
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+    from mist_kit.backbone_run import family
 
-    kwargs = {"num_classes": 0}
+    kwargs: dict[str, Any] = {"num_classes": 0}
     if img_size is not None:
         kwargs["img_size"] = img_size
+    if not _is_vit_family(name):
+        raise UsageError(f"backbone {name!r} is not a Vision Transformer (timm ViT, DeiT, DINOv2, EVA-02 or BEiT); "
+                         "separated tuning needs a token-sequence backbone")
     if seed is not None:
         torch.manual_seed(seed)
     if pretrained and not _pretrained_in_local_cache(name) and not _hub_reachable():
@@ -129,12 +150,11 @@ def create_vit(name: str, img_size: int | None = None, weights: str | Path | Non
             raise DependencyError(f"cannot fetch pretrained weights for {name!r} from the model hub "
                                   f"({type(exc).__name__}); offline, pass --weights FILE instead") from None
         raise UsageError(f"cannot create backbone {name!r}: {str(exc)[:200]}") from None
-    if not isinstance(model, VisionTransformer):
-        raise UsageError(f"backbone {name!r} is a {type(model).__name__}, not a timm VisionTransformer (ViT, DeiT, "
-                         "DINO/DINOv2)")
+    family(model)  # a one-line error for anything but the supported ViT families
     if weights is not None:
         path = Path(weights)
-        state = checkpoint_filter_fn(_read_state_dict(path), model)  # resamples pos_embed to img_size, etc.
+        filter_fn = _checkpoint_filter(model)
+        state = filter_fn(_read_state_dict(path), model)  # resamples pos_embed to img_size, etc.
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         result = model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.startswith("head.")]
@@ -192,81 +212,6 @@ def load_backbone_for(spec: BackboneSpec, weights_override: str | Path | None = 
         raise CheckpointError(f"{weights}: sha256 {digest[:12]}... differs from the checkpoint's backbone "
                               f"({spec.weights_sha256[:12]}...): these are other weights")
     return create_vit(spec.name, img_size=spec.img_size, weights=weights)
-
-
-def embed_tokens(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """z_0: patch embed + position embedding + prefix tokens, after norm_pre. (B, 3, H, W) -> (B, T, D)."""
-    x = model.patch_embed(pixel_values)
-    x = model._pos_embed(x)  # timm's own prologue step (adds cls/reg tokens and position embeddings)
-    x = model.patch_drop(x)
-    return model.norm_pre(x)
-
-
-class GatherModel(nn.Module):
-    """pixel_values -> g_k for one k, running blocks 1..k only. This is what the cloud graph exports."""
-
-    def __init__(self, vit: nn.Module, k: int) -> None:
-        super().__init__()
-        if not 0 <= k <= len(vit.blocks):
-            raise UsageError(f"k={k} is outside 0..{len(vit.blocks)} for this backbone")
-        self.vit, self.k = vit, k
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = embed_tokens(self.vit, pixel_values)  # (B, T, D)
-        gather = x
-        for block in self.vit.blocks[: self.k]:
-            x = block(x)
-            gather = gather + x
-        return gather  # (B, T, D)
-
-
-@dataclass
-class BackboneOutputs:
-    """Per image: the prefix sums g_k for each requested k, and the final-norm cls token (linear baseline)."""
-
-    gathers: dict[int, torch.Tensor]  # k -> (B, T, D)
-    final_cls: torch.Tensor  # (B, D)
-
-
-PRECISIONS = ("fp32", "bf16")
-
-
-@torch.no_grad()
-def run_backbone(model: nn.Module, pixel_values: torch.Tensor, ks: tuple[int, ...],
-                 precision: str = "fp32") -> BackboneOutputs:
-    """One backbone pass producing every candidate gather at once (prefix sums share the work).
-
-    precision "bf16" runs the matrix products under bfloat16 autocast (LayerNorm, softmax and the residual
-    stream stay fp32): on CPUs with AMX it is about 10x faster, at ~0.3% relative error in the gathers. It is
-    an opt-in for caching large datasets on weak machines; fp32 is the reference the exported cloud graph matches.
-    """
-    if precision not in PRECISIONS:
-        raise UsageError(f"backbone precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    with torch.autocast(pixel_values.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        x = embed_tokens(model, pixel_values)
-        running = x.float()
-        gathers: dict[int, torch.Tensor] = {}
-        if 0 in ks:
-            gathers[0] = running.clone()
-        for i, block in enumerate(model.blocks, start=1):
-            x = block(x)
-            running = running + x.float()
-            if i in ks:
-                gathers[i] = running.clone()
-        final = final_embedding(model, x).float()
-    return BackboneOutputs(gathers=gathers, final_cls=final)
-
-
-def final_embedding(model: nn.Module, last: torch.Tensor) -> torch.Tensor:
-    """The backbone's own pre-logits embedding from the last block's tokens: final norm, then timm's pooling.
-
-    That is the final-norm cls token for cls-token models (ViT, DeiT, DINOv2) and timm's pool (e.g. the patch-token
-    mean after fc_norm) for models without one, never a register token. (B, T, D) -> (B, D).
-    """
-    pooled = model.forward_head(model.norm(last), pre_logits=True)
-    if pooled.ndim == 3:  # global_pool='' keeps the sequence: fall back to the first token / token mean
-        pooled = pooled[:, 0] if getattr(model, "cls_token", None) is not None else pooled.mean(dim=1)
-    return pooled
 
 
 def save_random_backbone(name: str, path: str | Path, img_size: int | None = None, seed: int = 0) -> Path:

@@ -1,14 +1,17 @@
-"""The feature cache: the backbone runs once per image, training reads memory-mapped float16 arrays.
+"""The feature cache: the backbone runs once per image, training streams batches from float16 memory maps.
 
-Layout of one split's cache directory (plain .npy files anyone can `np.load(mmap_mode="r")`):
-    meta.json      the binding (backbone, weights sha256, preprocessing, image-list fingerprint, ks) and its key
-    g{k}.npy       float16 [N, T, D]: the gather g_k for each candidate k
-    cls.npy        float16 [N, D]: the backbone's final-norm cls token (linear-probe baseline)
-    labels.npy     int64 [N]
-    status.npy     uint8 [N]: 0 = not computed yet, 1 = done, 2 = unreadable image skipped (--skip-bad)
+One array per *tensor source* (runtime/plan.py), so one backbone pass serves every candidate of every method: MIST's
+gathers for each k, a split point's block output, a stack of block outputs, the final cls token. Layout of one
+split's cache directory (plain .npy files anyone can `np.load(mmap_mode="r")`):
+    meta.json        the binding (backbone, weights sha256, preprocessing, image-list fingerprint), its key, the
+                     sources held and their shapes
+    gather-4.npy     float16 [N, T, D] per source ("gather:4" -> gather-4.npy, "final_cls" -> final_cls.npy [N, 1, D])
+    labels.npy       int64 [N]
+    status.npy       uint8 [N]: 0 = not computed yet, 1 = done, 2 = unreadable image skipped (--skip-bad)
 A cache under construction lives in `<dir>.partial/` and is renamed into place when complete, so an interrupted
-run resumes where it stopped and a complete cache is never half-written. A cache whose binding differs from
-what is asked for is stale: it is reported and rebuilt, never reused. Torch-free (reading needs numpy only).
+run resumes where it stopped and a complete cache is never half-written. A cache whose binding differs from what
+is asked for is stale: it is reported and rebuilt, never reused; one that lacks a source is rebuilt holding the
+union of what it had and what is asked, in one pass. Torch-free (reading needs numpy only).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,20 +29,43 @@ import numpy as np
 from mist_kit.atomic import write_json
 from mist_kit.errors import InputError
 
-CACHE_SCHEMA = "mist-kit/feature-cache/1"
+CACHE_SCHEMA = "mist-kit/feature-cache/2"
 PENDING, DONE, SKIPPED = 0, 1, 2
 
 
 def binding_key(binding: dict[str, Any]) -> str:
-    """Stable hash of the binding dict (sorted JSON), without `ks`: a cache holding more ks still serves."""
-    rest = {k: v for k, v in binding.items() if k != "ks"}
-    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+    """Stable hash of the binding dict (sorted JSON): what the cached numbers depend on, sources excluded."""
+    return hashlib.sha256(json.dumps(binding, sort_keys=True).encode()).hexdigest()
 
 
 def describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     """Which binding fields changed, for the 'stale cache' message."""
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return ", ".join(changed) or "format"
+
+
+def source_file(source: str) -> str:
+    """The .npy file name of a source key ('gather:4' -> 'gather-4.npy')."""
+    return source.replace(":", "-") + ".npy"
+
+
+def _check_array(path: Path, shape: tuple[int, ...], dtype: Any) -> str | None:
+    """Why the .npy at `path` is unusable (header shape/dtype or file length), or None. Reads the header only."""
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            got_shape, _fortran, got_dtype = read_header(fh)
+            offset = fh.tell()
+    except (OSError, ValueError) as exc:
+        return f"{path.name}: unreadable ({str(exc)[:80]})"
+    if tuple(got_shape) != tuple(shape) or np.dtype(got_dtype) != np.dtype(dtype):
+        return f"{path.name}: {np.dtype(got_dtype)} {list(got_shape)}, expected {np.dtype(dtype)} {list(shape)}"
+    need = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if path.stat().st_size < need:
+        return f"{path.name}: truncated ({path.stat().st_size} of {need} bytes)"
+    return None
 
 
 @dataclass
@@ -49,12 +76,16 @@ class CachedSplit:
     meta: dict[str, Any]
 
     @property
-    def ks(self) -> tuple[int, ...]:
-        return tuple(self.meta["binding"]["ks"])
+    def sources(self) -> tuple[str, ...]:
+        return tuple(self.meta["sources"])
 
     @property
     def classes(self) -> tuple[str, ...]:
         return tuple(self.meta["classes"])
+
+    @property
+    def n(self) -> int:
+        return int(self.meta["binding"]["n"])
 
     def _array(self, name: str) -> np.ndarray:
         return np.load(self.path / name, mmap_mode="r")
@@ -63,83 +94,179 @@ class CachedSplit:
         """Indices of images whose features exist (skipped unreadable images excluded)."""
         return np.flatnonzero(self._array("status.npy") == DONE)
 
-    def gather(self, k: int) -> np.ndarray:
-        if k not in self.ks:
-            raise InputError(f"{self.path}: no gather for k={k}; cached ks are {list(self.ks)}")
-        return self._array(f"g{k}.npy")
-
-    def final_cls(self) -> np.ndarray:
-        return self._array("cls.npy")
+    def array(self, source: str) -> np.ndarray:
+        """The float16 [N, T, D] memory map of one source."""
+        if source not in self.sources:
+            raise InputError(f"{self.path}: no cached tensor {source}; cached: {', '.join(self.sources)}")
+        return self._array(source_file(source))
 
     def labels(self) -> np.ndarray:
         return self._array("labels.npy")
 
-    def features(self, input_kind: str, k: int | None) -> np.ndarray:
-        """What an edge method of `input_kind` consumes: the gather at k, or the final cls token."""
-        if input_kind == "final_cls":
-            return self.final_cls()
-        if k is None:
-            raise InputError("a gather-consuming method needs k")
-        return self.gather(k)
+    def bytes_per_image(self, sources: Iterable[str] | None = None) -> int:
+        """float16 bytes one image takes in this cache (all sources, or the given ones)."""
+        shapes = self.meta["shapes"]
+        return sum(2 * int(np.prod(shapes[s])) for s in (sources or self.sources))
+
+    def inputs(self, tensors: Mapping[str, str], rows: np.ndarray | None = None) -> InputRows:
+        """A method's inputs: tensor name -> source key, over `rows` (default: every valid row)."""
+        arrays = {name: self.array(src) for name, src in tensors.items()}
+        return InputRows([(arrays, self.valid() if rows is None else np.asarray(rows))])
+
+    def verify(self) -> str | None:
+        """Why this cache cannot be used (truncated or reshaped arrays, bad status/labels), or None."""
+        n = self.n
+        for src in self.sources:
+            why = _check_array(self.path / source_file(src), (n, *self.meta["shapes"][src]), np.float16)
+            if why:
+                return why
+        for name, dtype in (("labels.npy", np.int64), ("status.npy", np.uint8)):
+            why = _check_array(self.path / name, (n,), dtype)
+            if why:
+                return why
+        status = self._array("status.npy")
+        if not np.isin(status, (DONE, SKIPPED)).all():
+            return "status.npy: rows neither done nor skipped in a complete cache"
+        labels = np.asarray(self.labels())
+        if len(labels) and (labels.min() < -1 or labels.max() >= max(1, len(self.classes))):
+            return "labels.npy: labels outside the class list"
+        return None
 
 
-def open_complete(path: Path, binding: dict[str, Any]) -> tuple[CachedSplit | None, str | None]:
-    """Return the cache at `path` if it is complete and bound to `binding`; else (None, reason it is unusable)."""
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+class InputRows:
+    """Rows of one or more cached splits as a method's named inputs, read a batch at a time (never all at once).
+
+    Training touches a few MB per batch instead of loading whole splits: a 12-block stack of ViT-S/14 features is
+    2.4 MB per image in float16. Segments let train + val be concatenated for a refit without copying.
+    """
+
+    def __init__(self, segments: list[tuple[Mapping[str, np.ndarray], np.ndarray]]) -> None:
+        self.segments = [(dict(a), np.asarray(r, dtype=np.int64)) for a, r in segments]
+        names = [tuple(a) for a, _ in self.segments]
+        if len(set(names)) != 1:
+            raise ValueError(f"input segments disagree on tensor names: {names}")
+        self.names = names[0]
+        self._starts = np.cumsum([0] + [len(r) for _, r in self.segments])
+
+    @classmethod
+    def of(cls, arrays: Mapping[str, np.ndarray]) -> InputRows:
+        """In-memory arrays (tests, benchmarks): every row, in order."""
+        n = len(next(iter(arrays.values())))
+        return cls([(arrays, np.arange(n))])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __add__(self, other: InputRows) -> InputRows:
+        return InputRows(self.segments + other.segments)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.segments[0][0][name].shape[1:])
+
+    def batch(self, idx: np.ndarray, transforms: Mapping[str, Transform | None] | None = None
+              ) -> dict[str, np.ndarray]:
+        """float32 arrays for positions `idx` (ascending reads per segment, returned in `idx` order)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        seg = np.searchsorted(self._starts, idx, side="right") - 1
+        out: dict[str, np.ndarray] = {}
+        for name in self.names:
+            parts = np.empty((len(idx), *self.shape(name)), dtype=np.float32)
+            for s in np.unique(seg):
+                arrays, rows = self.segments[s]
+                where = np.flatnonzero(seg == s)
+                local = rows[idx[where] - self._starts[s]]
+                order = np.argsort(local, kind="stable")
+                parts[where[order]] = np.asarray(arrays[name][local[order]], dtype=np.float32)
+            fn = (transforms or {}).get(name)
+            out[name] = np.asarray(fn(parts), dtype=np.float32) if fn is not None else parts
+        return out
+
+
+def open_complete(path: Path, binding: dict[str, Any],
+                  sources: Iterable[str]) -> tuple[CachedSplit | None, str | None]:
+    """The cache at `path` if complete, bound to `binding` and holding `sources`; else (None, why not)."""
     meta_file = path / "meta.json"
     if not meta_file.is_file():
         return None, None
     try:
         meta = json.loads(meta_file.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None, "unreadable metadata"
-    if meta.get("schema") != CACHE_SCHEMA or meta.get("key") != binding_key(binding):
+    if not isinstance(meta, dict) or meta.get("schema") != CACHE_SCHEMA:
+        return None, "stale (older cache format)"
+    if meta.get("key") != binding_key(binding):
         return None, f"stale ({describe_difference(meta.get('binding', {}), binding)} changed)"
-    missing = sorted(set(binding["ks"]) - set(meta["binding"].get("ks", [])))
+    missing = sorted(set(sources) - set(meta.get("sources", [])))
     if missing:
-        return None, f"stale (no gather for k={missing})"
-    return CachedSplit(path, meta), None
+        return None, f"missing tensors {', '.join(missing)}"
+    split = CachedSplit(path, meta)
+    why = split.verify()
+    if why:
+        return None, f"corrupt ({why})"
+    return split, None
+
+
+def cached_sources(path: Path, binding: dict[str, Any]) -> set[str]:
+    """Sources a complete cache at `path` bound to `binding` already holds (to keep them when it is extended)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return set()
+    if not isinstance(meta, dict) or meta.get("schema") != CACHE_SCHEMA or meta.get("key") != binding_key(binding):
+        return set()
+    return set(meta.get("sources", []))
 
 
 class CacheWriter:
     """Creates or resumes `<dir>.partial/`, accepts batches of rows, and publishes the complete cache."""
 
     def __init__(self, path: Path, binding: dict[str, Any], classes: tuple[str, ...], labels: np.ndarray,
-                 tokens: int, dim: int) -> None:
+                 shapes: Mapping[str, tuple[int, ...]]) -> None:
         self.final_path = path
         self.path = path.with_name(path.name + ".partial")
-        self.binding = binding
         key = binding_key(binding)
-        self.meta = {"schema": CACHE_SCHEMA, "key": key, "binding": binding, "classes": list(classes)}
+        sources = sorted(shapes)
+        self.meta = {"schema": CACHE_SCHEMA, "key": key, "binding": binding, "sources": sources,
+                     "shapes": {s: list(shapes[s]) for s in sources}, "classes": list(classes)}
         n = len(labels)
         existing = self.path / "meta.json"
         resumable = False
         if existing.is_file():
-            old = json.loads(existing.read_text())
-            resumable = old.get("key") == key and old["binding"].get("ks") == binding["ks"]
+            try:
+                old = json.loads(existing.read_text())
+                resumable = old.get("key") == key and old.get("sources") == sources
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                resumable = False
+        if resumable:
+            resumable = all(_check_array(self.path / source_file(s), (n, *shapes[s]), np.float16) is None
+                            for s in sources) and _check_array(self.path / "status.npy", (n,), np.uint8) is None
         if not resumable:
             shutil.rmtree(self.path, ignore_errors=True)
             self.path.mkdir(parents=True)
-            for k in binding["ks"]:
-                np.lib.format.open_memmap(self.path / f"g{k}.npy", "w+", np.float16, (n, tokens, dim)).flush()
-            np.lib.format.open_memmap(self.path / "cls.npy", "w+", np.float16, (n, dim)).flush()
+            for s in sources:
+                np.lib.format.open_memmap(self.path / source_file(s), "w+", np.float16, (n, *shapes[s])).flush()
             np.save(self.path / "labels.npy", np.asarray(labels, dtype=np.int64))
             np.lib.format.open_memmap(self.path / "status.npy", "w+", np.uint8, (n,)).flush()
             write_json(self.path / "meta.json", self.meta)
-        self.gathers = {k: np.load(self.path / f"g{k}.npy", mmap_mode="r+") for k in binding["ks"]}
-        self.cls = np.load(self.path / "cls.npy", mmap_mode="r+")
+        self.arrays = {s: np.load(self.path / source_file(s), mmap_mode="r+") for s in sources}
         self.status = np.load(self.path / "status.npy", mmap_mode="r+")
 
     def pending(self) -> np.ndarray:
         """Row indices still to compute (all of them for a new cache, the remainder when resuming)."""
         return np.flatnonzero(self.status == PENDING)
 
-    def write(self, rows: np.ndarray, gathers: dict[int, np.ndarray], cls: np.ndarray) -> None:
+    def write(self, rows: np.ndarray, tensors: Mapping[str, np.ndarray]) -> None:
         """Store a batch; data is flushed before the rows are marked done, so a crash never marks garbage done."""
-        for k, arr in gathers.items():
-            self.gathers[k][rows] = arr.astype(np.float16)
-            self.gathers[k].flush()
-        self.cls[rows] = cls.astype(np.float16)
-        self.cls.flush()
+        for src, arr in tensors.items():
+            if not np.isfinite(arr).all():
+                bad = rows[~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)]
+                raise InputError(f"the backbone produced non-finite features for rows {bad[:5].tolist()} "
+                                 "(broken weights?)")
+            self.arrays[src][rows] = arr.astype(np.float16)
+            self.arrays[src].flush()
         self.status[rows] = DONE
         self.status.flush()
 
@@ -149,7 +276,7 @@ class CacheWriter:
 
     def publish(self) -> CachedSplit:
         """Atomically move the complete cache into place, replacing a stale one."""
-        del self.gathers, self.cls, self.status  # close the memory maps before renaming
+        del self.arrays, self.status  # close the memory maps before renaming
         if self.final_path.exists():
             shutil.rmtree(self.final_path)
         self.path.rename(self.final_path)

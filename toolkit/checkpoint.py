@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from mist_kit import __version__
 from mist_kit.atomic import atomic_dir, write_json
 from mist_kit.config import CONFIG_FILE, WEIGHTS_FILE, CheckpointConfig, load_config
 from mist_kit.edge import EdgeMethod, create_edge_method
-from mist_kit.errors import CheckpointError
+from mist_kit.errors import CheckpointError, UsageError
+from mist_kit.runtime.plan import BackboneShape
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -23,16 +25,29 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     raise CheckpointError(f"{p}: not a checkpoint (no {CONFIG_FILE}); expected the directory `mist-kit train` wrote")
 
 
-def build_method(config: CheckpointConfig, num_tokens: int | None = None) -> EdgeMethod:
-    """Instantiate the checkpoint's edge method with its recorded hyperparameters."""
-    b = config.backbone
+def new_method(name: str, backbone: BackboneShape, depth: int | None, num_classes: int, params: dict[str, Any],
+               seed: int | None, inputs: dict[str, tuple[int, int]] | None = None) -> EdgeMethod:
+    """A seeded edge method for training (bad parameters are one UsageError line)."""
     try:
-        return create_edge_method(config.method.name, embed_dim=b.embed_dim, num_tokens=num_tokens or b.num_tokens,
-                                  num_prefix_tokens=b.num_prefix_tokens, num_classes=len(config.classes),
-                                  **config.method.params)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{CONFIG_FILE}: method.params do not fit method {config.method.name!r} ({exc})") \
-            from None
+        return create_edge_method(name, backbone=backbone, depth=depth, num_classes=num_classes, params=params,
+                                  inputs=inputs, seed=seed)
+    except ValueError as exc:
+        raise UsageError(f"method {name!r}: {exc}") from None
+
+
+def build_method(config: CheckpointConfig) -> EdgeMethod:
+    """Instantiate the checkpoint's edge method with its recorded hyperparameters, depth and codecs' shapes."""
+    from mist_kit.edge import get_edge_method
+    from mist_kit.runtime.codec.plan_codecs import decoded_shapes
+
+    b, m = config.backbone, config.method
+    try:
+        plan = get_edge_method(m.name).cloud_plan(b.shape, m.k, m.params)
+        return create_edge_method(m.name, backbone=b.shape, depth=m.k, num_classes=len(config.classes),
+                                  params=m.params, inputs=decoded_shapes(plan, config.codecs))
+    except (TypeError, ValueError, UsageError) as exc:
+        raise CheckpointError(f"{CONFIG_FILE}: method {m.name!r} with k={m.k} and params {m.params} cannot be "
+                              f"built ({exc})") from None
 
 
 def save_checkpoint(out_dir: str | Path, config: CheckpointConfig, model: EdgeMethod) -> Path:
@@ -60,7 +75,7 @@ def load_checkpoint(path: str | Path) -> tuple[CheckpointConfig, EdgeMethod]:
         state = load_file(str(weights))
     except Exception as exc:
         raise CheckpointError(f"{weights}: corrupt safetensors file ({str(exc)[:120]})") from None
-    model = build_method(config, num_tokens=config.codec.get("num_tokens"))
+    model = build_method(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from mist_kit.errors import CheckpointError
+from mist_kit.runtime.plan import BackboneShape
 
-CHECKPOINT_SCHEMA = "mist-kit/checkpoint/1"
+CHECKPOINT_SCHEMA = "mist-kit/checkpoint/2"
+LEGACY_SCHEMAS = ("mist-kit/checkpoint/1",)  # one codec for the one tensor of mist / linear: read, converted
+_LEGACY_TENSOR = {"mist": "gather", "linear": "cls"}
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "edge.safetensors"
 
@@ -49,15 +52,16 @@ class BackboneSpec:
         if any(s <= 0 for s in self.std):
             raise CheckpointError(f"backbone.std: expected positive values, got {list(self.std)}")
 
-    def candidate_ks(self) -> tuple[int, ...]:
-        """MIST's default k candidates: N/3, 2N/3, N (ViT-B: 4, 8, 12)."""
-        n = self.num_blocks
-        return tuple(sorted({max(1, round(n / 3)), max(1, round(2 * n / 3)), n}))
+    @property
+    def shape(self) -> BackboneShape:
+        """What cloud plans and edge methods need to know of this backbone."""
+        return BackboneShape(self.embed_dim, self.num_tokens, self.num_prefix_tokens, self.num_blocks)
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """An edge method by registered name, its hyperparameters, and which gather depth k feeds it."""
+    """An edge method by registered name, its hyperparameters, and its depth `k` (what the cloud runs: MIST's
+    gather depth, ViT-Split's split point; None for a method without one)."""
 
     name: str
     k: int | None
@@ -71,7 +75,7 @@ class CheckpointConfig:
     backbone: BackboneSpec
     method: MethodSpec
     classes: tuple[str, ...]
-    codec: dict[str, Any] = field(default_factory=lambda: {"name": "fp32"})
+    codecs: dict[str, dict[str, Any]] = field(default_factory=dict)  # sent tensor name -> codec spec (absent: fp32)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     version: str = ""
@@ -93,7 +97,7 @@ class CheckpointConfig:
                 raise CheckpointError(f"{source}: missing field '{where}{key}'")
             return obj[key]
 
-        if d.get("schema", CHECKPOINT_SCHEMA) != CHECKPOINT_SCHEMA:
+        if d.get("schema", CHECKPOINT_SCHEMA) not in (CHECKPOINT_SCHEMA, *LEGACY_SCHEMAS):
             raise CheckpointError(f"{source}: schema {d.get('schema')!r} is not {CHECKPOINT_SCHEMA!r}")
         b = need(d, "backbone", "")
         m = need(d, "method", "")
@@ -124,11 +128,26 @@ class CheckpointConfig:
             backbone=backbone,
             method=method,
             classes=tuple(str(c) for c in classes),
-            codec=dict(d.get("codec", {"name": "fp32"})),
+            codecs=_codecs(d, method.name, source),
             training=dict(d.get("training", {})),
             metrics=dict(d.get("metrics", {})),
             version=str(d.get("version", "")),
         )
+
+
+def _codecs(d: dict[str, Any], method: str, source: str) -> dict[str, dict[str, Any]]:
+    """`codecs` (name -> spec); a schema-1 checkpoint's single `codec` belongs to its method's one tensor."""
+    if "codecs" in d:
+        codecs = d["codecs"]
+        if not isinstance(codecs, dict) or not all(isinstance(v, dict) for v in codecs.values()):
+            raise CheckpointError(f"{source}: field 'codecs' must map tensor names to codec specs")
+        return {str(k): dict(v) for k, v in codecs.items()}
+    legacy = d.get("codec")
+    if legacy is None or (isinstance(legacy, dict) and legacy.get("name", "fp32") == "fp32"):
+        return {}
+    if not isinstance(legacy, dict):
+        raise CheckpointError(f"{source}: field 'codec' must be a codec spec object")
+    return {_LEGACY_TENSOR.get(method, "gather"): dict(legacy)}
 
 
 def load_config(checkpoint_dir: str | Path) -> CheckpointConfig:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,21 +16,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from mist_kit.backbone import run_backbone
-from mist_kit.cache import DONE, CachedSplit, CacheWriter, open_complete, split_cache_dir
+from mist_kit.backbone_run import run_backbone
+from mist_kit.cache import DONE, CachedSplit, CacheWriter, cached_sources, open_complete, split_cache_dir
 from mist_kit.config import BackboneSpec
 from mist_kit.data import ImageList, load_pixels
 from mist_kit.errors import DataError
+from mist_kit.runtime.plan import TensorSource
 
 Log = Callable[[str], None]
 
 
-def cache_binding(spec: BackboneSpec, images: ImageList, ks: tuple[int, ...], precision: str = "fp32") -> dict:
-    """Everything the cached numbers depend on; any change makes the cache stale.
-
-    The reference precision fp32 adds no field, so fp32 caches stay valid and other readers that compare
-    binding fields (calibration) see the same dict as before; bf16 caches carry `"precision": "bf16"`.
-    """
+def cache_binding(spec: BackboneSpec, images: ImageList, precision: str = "fp32") -> dict:
+    """Everything the cached numbers depend on; any change makes the cache stale. Which tensors are held is
+    recorded beside it (a cache holding more serves fewer). bf16 caches carry `"precision": "bf16"`."""
     extra = {} if precision == "fp32" else {"precision": precision}
     return {
         **extra,
@@ -42,7 +40,6 @@ def cache_binding(spec: BackboneSpec, images: ImageList, ks: tuple[int, ...], pr
         "resize": spec.resize,
         "images_sha256": images.fingerprint(),
         "n": len(images),
-        "ks": sorted(ks),
         "tokens": spec.num_tokens,
         "dim": spec.embed_dim,
     }
@@ -62,29 +59,37 @@ def _load_batch(images: ImageList, rows: np.ndarray, spec: BackboneSpec, skip_ba
     return ok_rows, pixels, bad_rows
 
 
-def cache_features(model: nn.Module, spec: BackboneSpec, images: ImageList, cache_root: Path,
-                   ks: tuple[int, ...], *, batch_size: int = 32, skip_bad: bool = False, progress: bool = True,
-                   log: Log = print, precision: str = "fp32") -> tuple[CachedSplit, float, int]:
+def cache_features(model: nn.Module | Callable[[], nn.Module], spec: BackboneSpec, images: ImageList,
+                   cache_root: Path, sources: Iterable[TensorSource], *, batch_size: int = 32,
+                   skip_bad: bool = False, progress: bool = True, log: Log = print,
+                   precision: str = "fp32") -> tuple[CachedSplit, float, int]:
     """Return (cache, seconds spent computing, images skipped) for `images`, computing only what is missing.
 
-    `precision` is the backbone's compute precision (see `run_backbone`); caches of different precisions live
-    side by side (a bf16 cache never serves an fp32 request, nor the reverse).
+    `sources` are the tensors every plan being served needs (their union); a cache that lacks some is rebuilt with
+    what it held plus them, in one backbone pass. `model` may be a zero-argument callable that builds the backbone,
+    so a cache hit never loads it. `precision` is the backbone's compute precision (see `run_backbone`); caches
+    of different precisions live side by side (a bf16 cache never serves an fp32 request, nor the reverse).
     """
-    binding = cache_binding(spec, images, ks, precision)
+    binding = cache_binding(spec, images, precision)
     path = split_cache_dir(Path(cache_root), images.source, precision)
-    cached, reason = open_complete(path, binding)
+    want = sorted({str(s) for s in sources})
+    cached, reason = open_complete(path, binding, want)
     if cached is not None:
         skipped = int(len(images) - len(cached.valid()))
         log(f"cache hit: {path} ({len(images)} images)")
         return cached, 0.0, skipped
     with build_lock(path, log):
-        cached, reason = open_complete(path, binding)  # another process may have finished it while we waited
+        cached, reason = open_complete(path, binding, want)  # another process may have finished it meanwhile
         if cached is not None:
             log(f"cache hit: {path} (built by another process)")
             return cached, 0.0, int(len(images) - len(cached.valid()))
+        held = cached_sources(path, binding) if reason and reason.startswith("missing") else set()
+        everything = sorted(set(want) | held)
         if reason:
-            log(f"cache {path}: {reason}; rebuilding")
-        return _build(model, spec, images, path, binding, ks, batch_size, skip_bad, progress, log, precision)
+            log(f"cache {path}: {reason}; rebuilding" + (f" with {', '.join(everything)}" if held else ""))
+        backbone = model if isinstance(model, nn.Module) else model()
+        return _build(backbone, spec, images, path, binding, [TensorSource.parse(s) for s in everything],
+                      batch_size, skip_bad, progress, log, precision)
 
 
 @contextlib.contextmanager
@@ -111,10 +116,11 @@ def build_lock(path: Path, log: Log) -> Iterator[None]:
 
 
 def _build(model: nn.Module, spec: BackboneSpec, images: ImageList, path: Path, binding: dict,
-           ks: tuple[int, ...], batch_size: int, skip_bad: bool, progress: bool, log: Log,
+           sources: list[TensorSource], batch_size: int, skip_bad: bool, progress: bool, log: Log,
            precision: str) -> tuple[CachedSplit, float, int]:
     """Fill (or resume) the cache at `path`; the caller holds its build lock."""
-    writer = CacheWriter(path, binding, images.classes, np.asarray(images.labels), spec.num_tokens, spec.embed_dim)
+    shapes = {str(s): s.shape(spec.shape) for s in sources}
+    writer = CacheWriter(path, binding, images.classes, np.asarray(images.labels), shapes)
     todo = writer.pending()
     if len(todo) < len(images):
         log(f"resuming cache {path}: {len(images) - len(todo)} of {len(images)} images already done")
@@ -131,9 +137,8 @@ def _build(model: nn.Module, spec: BackboneSpec, images: ImageList, path: Path, 
                 log(f"skipping unreadable image {images.paths[r]}")
                 writer.skip(r)
             if ok_rows:
-                out = run_backbone(model, torch.from_numpy(np.stack(pixels)), tuple(ks), precision)
-                writer.write(np.asarray(ok_rows), {k: v.numpy() for k, v in out.gathers.items()},
-                             out.final_cls.numpy())
+                out = run_backbone(model, torch.from_numpy(np.stack(pixels)), sources, precision)
+                writer.write(np.asarray(ok_rows), {k: v.numpy() for k, v in out.items()})
             bar.advance(len(batches[i]))
     seconds = time.perf_counter() - start
     if not (writer.status == DONE).any():  # never publish a cache with no features: it would "hit" next time

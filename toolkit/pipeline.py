@@ -10,21 +10,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from mist_kit import __version__
 from mist_kit.backbone import load_backbone, load_backbone_for
-from mist_kit.cache import CachedSplit
-from mist_kit.checkpoint import load_checkpoint, save_checkpoint
-from mist_kit.config import BackboneSpec, CheckpointConfig, MethodSpec
+from mist_kit.cache import CachedSplit, InputRows
+from mist_kit.checkpoint import load_checkpoint, new_method, save_checkpoint
+from mist_kit.config import CheckpointConfig, MethodSpec
 from mist_kit.data import load_image_list
-from mist_kit.edge import EdgeMethod, create_edge_method, get_edge_method
+from mist_kit.edge import EdgeMethod, get_edge_method
 from mist_kit.errors import DataError, UsageError
 from mist_kit.featurize import cache_features
-from mist_kit.train import FeatureTransform, TrainParams, fit, fit_candidates, predict_logits, top1
+from mist_kit.runtime.codec.plan_codecs import decoded_shapes, roundtrips
+from mist_kit.runtime.plan import CloudPlan, union_sources
+from mist_kit.train import TrainParams, fit, fit_candidates, predict_logits, top1
+
+if TYPE_CHECKING:
+    from mist_kit.runtime.codec import Codec
 
 Log = Callable[[str], None]
 
@@ -44,8 +49,8 @@ class TrainRequest:
     std: tuple[float, float, float] | None = None
     test: str | None = None
     method: str = "mist"
-    k: int | None = None  # None = auto (choose on val)
-    ks: tuple[int, ...] | None = None  # candidate ks; default N/3, 2N/3, N
+    k: int | None = None  # the method's depth (MIST's k, ViT-Split's split); None = auto (choose on val)
+    ks: tuple[int, ...] | None = None  # candidate depths; default: the method's own (MIST: N/3, 2N/3, N)
     method_params: dict[str, Any] = field(default_factory=dict)
     params: TrainParams = field(default_factory=TrainParams)
     refit: bool = False
@@ -58,8 +63,11 @@ class TrainRequest:
     def __post_init__(self) -> None:
         if self.weights is not None and self.pretrained:
             raise UsageError("cannot use both --weights and --pretrained; pick one weight source")
-        if self.k is None and self.val is None and get_edge_method(self.method).input_kind == "gather":
-            raise UsageError("--k auto chooses k on validation data: pass --val DATA, or fix k with --k INT")
+        cls = get_edge_method(self.method)
+        if self.k is None and self.val is None and (self.ks is None or len(self.ks) > 1) and \
+                cls.depth_candidates.__func__ is not EdgeMethod.depth_candidates.__func__:  # type: ignore[attr-defined]
+            raise UsageError(f"--k auto chooses {cls.depth_name} on validation data: pass --val DATA, or fix it "
+                             "with --k INT")
         if self.refit and self.val is None:
             raise UsageError("--refit retrains on train + val: it needs --val DATA")
         if self.backbone_precision not in ("fp32", "bf16"):
@@ -70,40 +78,63 @@ def _labels(split: CachedSplit) -> np.ndarray:
     return np.asarray(split.labels())[split.valid()]
 
 
-def _features(split: CachedSplit, kind: str, k: int | None) -> np.ndarray:
-    """Valid rows of a cached split, loaded into memory as float16 (training touches every row every epoch)."""
-    return np.asarray(split.features(kind, k))[split.valid()]
+def plan_tensors(plan: CloudPlan) -> dict[str, str]:
+    """Sent tensor name -> cache source key."""
+    return {t.name: str(t.source) for t in plan.tensors}
 
 
-def _new_method(name: str, spec: BackboneSpec, num_classes: int, params: dict[str, Any], seed: int,
-                num_tokens: int | None = None) -> EdgeMethod:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
+def _depths(cls: type[EdgeMethod], shape: Any, req: TrainRequest) -> list[int | None]:
+    """The candidate depths to search, validated before any backbone work."""
+    if req.k is not None:
+        depths: list[int | None] = [req.k]
+    elif req.ks:
+        depths = list(sorted(set(req.ks)))
+    else:
+        depths = list(cls.depth_candidates(shape, req.method_params))
+    for d in depths:
         try:
-            return create_edge_method(name, embed_dim=spec.embed_dim, num_tokens=num_tokens or spec.num_tokens,
-                                      num_prefix_tokens=spec.num_prefix_tokens, num_classes=num_classes, **params)
-        except (TypeError, ValueError) as exc:
-            raise UsageError(f"method {name!r}: {exc}") from None
+            cls.check_depth(shape, d)
+        except ValueError as exc:
+            raise UsageError(f"method {req.method!r}: {exc}") from None
+    return depths
 
 
-def run_training(req: TrainRequest, log: Log = print, transform: FeatureTransform | None = None,
-                 codec: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Cache features, choose k on val (or use the given k), train the final model, save it, and report.
+def _calibrated_codecs(codec: dict[str, Any] | None, tx: dict[Any, InputRows], prefix: int,
+                       log: Log) -> dict[Any, dict[str, Codec]]:
+    """Per candidate, one codec per sent tensor: a bare name is calibrated on the training split; a full spec
+    (recorded by an earlier run) is used as is."""
+    from mist_kit.runtime.codec import Codec
 
-    `transform` maps cached float32 gathers [B, T, D] to what the device will receive (a codec's
-    encode->decode round trip, token pooling); `codec` is its spec, recorded in the checkpoint.
+    if codec is None or codec.get("name", "fp32") == "fp32":
+        return {key: {} for key in tx}
+    if "tokens" in codec:
+        return {key: {name: Codec.from_spec({**codec, "tensor": name}) for name in rows.names}
+                for key, rows in tx.items()}
+    from mist_kit.calibration.codec_calib import fit_for_candidates
+
+    fitted = fit_for_candidates(codec["name"], tx, prefix)
+    first = next(iter(next(iter(fitted.values())).values()))
+    log(f"codec {codec['name']}: calibrated on {min(len(next(iter(tx.values()))), 256)} training images per "
+        f"candidate and tensor; the edge network sees {first.out_tokens} tokens per tensor")
+    return fitted
+
+
+def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Cache features, choose the depth on val (or use the given one), train the final model, save it, report.
+
+    One backbone pass serves every candidate: the cache holds the union of the candidates' plan tensors.
+    `codec` ({"name": ...}) is applied to every tensor the method's plan sends, calibrated per tensor; the edge
+    network trains on its encode->decode round trip, as the device will receive it.
     """
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t_start = time.perf_counter()
+    cls = get_edge_method(req.method)
     model_bb, spec = load_backbone(req.backbone, img_size=req.img_size, weights=req.weights,
                                    pretrained=req.pretrained, mean=req.mean, std=req.std)
-    kind = get_edge_method(req.method).input_kind
-    ks = tuple(sorted(set(req.ks or spec.candidate_ks())))
-    if req.k is not None:
-        ks = tuple(sorted(set(ks) | {req.k}))
-    bad = [k for k in ks if not 0 <= k <= spec.num_blocks]
-    if bad:
-        raise UsageError(f"k values {bad} are outside 0..{spec.num_blocks} for {spec.name}")
+    shape = spec.shape
+    depths = _depths(cls, shape, req)
+    plans = {d: cls.cloud_plan(shape, d, req.method_params) for d in depths}
+    sources = union_sources(list(plans.values()))
     cache_root = req.cache_dir or (req.out / "cache")
     splits: dict[str, CachedSplit] = {}
     cache_seconds, skipped = 0.0, 0
@@ -113,91 +144,77 @@ def run_training(req: TrainRequest, log: Log = print, transform: FeatureTransfor
     for name, images in lists.items():
         if name != "train" and len(images.classes) > len(classes):
             raise DataError(f"{images.source}: has {len(images.classes)} classes, train has {len(classes)}")
-        split, secs, skip = cache_features(model_bb, spec, images, cache_root, ks, batch_size=req.backbone_batch,
-                                           skip_bad=req.skip_bad, progress=req.progress, log=log,
-                                           precision=req.backbone_precision)
+        split, secs, skip = cache_features(model_bb, spec, images, cache_root, sources,
+                                           batch_size=req.backbone_batch, skip_bad=req.skip_bad,
+                                           progress=req.progress, log=log, precision=req.backbone_precision)
         splits[name], cache_seconds, skipped = split, cache_seconds + secs, skipped + skip
-    del model_bb
     y_train = _labels(splits["train"])
     y_val = _labels(splits["val"]) if "val" in splits else None
-    num_tokens = (codec or {}).get("num_tokens")
     t_train = time.perf_counter()
-    search: dict[str, Any] = {}
-    if kind == "final_cls":
-        chosen_k = None
-        candidates = [None]
-    else:
-        candidates = [req.k] if req.k is not None else list(ks)
-    tx = {k: _features(splits["train"], kind, k) for k in candidates}
-    vx = {k: _features(splits["val"], kind, k) for k in candidates} if "val" in splits else None
-    transforms: dict[Any, FeatureTransform | None] = {k: transform for k in candidates}
-    codec_specs: dict[Any, dict[str, Any]] = {}
-    if codec is not None and codec.get("name", "fp32") != "fp32":
-        if kind != "gather":
-            raise UsageError(f"--codec applies to methods that consume the gather; {req.method!r} does not")
-        if "tokens" not in codec:  # a bare name: calibrate it on this training split, per candidate k
-            from mist_kit.calibration.codec_calib import fit_for_candidates
+    tx = {d: splits["train"].inputs(plan_tensors(p)) for d, p in plans.items()}
+    vx = {d: splits["val"].inputs(plan_tensors(p)) for d, p in plans.items()} if "val" in splits else None
+    codecs = _calibrated_codecs(codec, tx, spec.num_prefix_tokens, log)
+    transforms = {d: roundtrips(c) for d, c in codecs.items()}
+    specs = {d: {name: c.spec() for name, c in cs.items()} for d, cs in codecs.items()}
 
-            fitted = fit_for_candidates(codec["name"], tx, spec.num_prefix_tokens)
-            codec_specs = {k: c.spec() for k, c in fitted.items()}
-            transforms = {k: None if c.lossless else c.roundtrip for k, c in fitted.items()}
-            num_tokens = next(iter(fitted.values())).out_tokens
-            log(f"codec {codec['name']}: calibrated on {min(len(y_train), 256)} training images per k; "
-                f"the edge network sees {num_tokens} tokens")
-        elif transform is None:
-            transforms = {k: codec_transform(codec) for k in candidates}
-    models = {k: _new_method(req.method, spec, len(classes), req.method_params, req.params.seed, num_tokens)
-              for k in candidates}
+    def build(d: int | None) -> EdgeMethod:
+        method = new_method(req.method, shape, d, len(classes), req.method_params, req.params.seed,
+                            decoded_shapes(plans[d], specs[d]))
+        if method.needs_backbone_init:
+            method.init_from_backbone(model_bb)
+        return method
+
+    models = {d: build(d) for d in depths}
 
     def on_epoch(epoch: int, rows: dict) -> None:
-        parts = [f"k={k}: loss {r['loss']:.3f}" + (f" val {r['val_top1']:.3f}" if "val_top1" in r else "")
-                 + (" (pruned)" if r.get("pruned") else "")
-                 for k, r in rows.items()]
+        parts = [f"{cls.depth_name}={d}: loss {r['loss']:.3f}" + (f" val {r['val_top1']:.3f}" if "val_top1" in r
+                                                                  else "") + (" (pruned)" if r.get("pruned") else "")
+                 for d, r in rows.items()]
         log(f"epoch {epoch:3d}  " + "  ".join(parts))
 
     results = fit_candidates(models, tx, y_train, req.params, vx, y_val, transforms, on_epoch)
-    if kind == "final_cls":
-        chosen_k = None
-    else:
-        # best val top-1; ties go to the smaller k (fewer cloud blocks, less cloud compute per image)
-        chosen_k = min(candidates, key=lambda k: (-(results[k].best_val_top1 or 0.0), k))
-        search = {str(k): {"val_top1": results[k].best_val_top1, "best_epoch": results[k].best_epoch,
-                           "epochs_run": results[k].epochs_run} for k in candidates}
-    final = models[chosen_k]
-    best = results[chosen_k]
-    transform = transforms[chosen_k]
+    # best val top-1; ties go to the shallower depth (fewer cloud blocks, less cloud compute per image)
+    chosen = min(depths, key=lambda d: (-(results[d].best_val_top1 or 0.0), -1 if d is None else d))
+    search = {} if depths == [None] else {
+        str(d): {"val_top1": results[d].best_val_top1, "best_epoch": results[d].best_epoch,
+                 "epochs_run": results[d].epochs_run} for d in depths}
+    final, best = models[chosen], results[chosen]
     val_top1 = best.best_val_top1
     if req.refit:
         epochs = max(1, best.best_epoch)
-        log(f"refit on train + val for {epochs} epochs (k={chosen_k})")
-        final = _new_method(req.method, spec, len(classes), req.method_params, req.params.seed, num_tokens)
-        x_all = np.concatenate([tx[chosen_k], vx[chosen_k]])  # type: ignore[index]
-        y_all = np.concatenate([y_train, y_val])  # type: ignore[list-item]
+        log(f"refit on train + val for {epochs} epochs ({cls.depth_name}={chosen})")
+        final = build(chosen)
         refit_params = TrainParams(**{**req.params.__dict__, "epochs": epochs})
-        fit(final, x_all, y_all, refit_params, transform=transform)
+        fit(final, tx[chosen] + vx[chosen], np.concatenate([y_train, y_val]),  # type: ignore[index,list-item]
+            refit_params, transform=transforms[chosen])
     train_seconds = time.perf_counter() - t_train
+    cost = final.cost()
     report: dict[str, Any] = {
         "method": req.method,
-        "k": chosen_k,
+        "k": chosen,
         "val_top1": val_top1,
         "trainable_params": final.trainable_params(),
+        "edge": cost.to_dict(),
         "cache_seconds": round(cache_seconds, 3),
+        "cache_bytes_per_image": splits["train"].bytes_per_image(),
         "train_seconds": round(train_seconds, 3),
-        "epochs_run": {str(k): r.epochs_run for k, r in results.items()},
+        "epochs_run": {str(d): r.epochs_run for d, r in results.items()},
         "k_search": search,
-        "images": {name: len(images) for name, images in lists.items()},
+        "images": {name: len(images) - int(len(images) - len(splits[name].valid()))
+                   for name, images in lists.items()},
         "skipped_images": skipped,
         "refit": req.refit,
         "codec": (codec or {}).get("name", "fp32"),
+        "bytes_per_image": wire_bytes(plans[chosen], specs[chosen], spec.num_prefix_tokens),
     }
     if "test" in splits:
-        x_test = _features(splits["test"], kind, chosen_k)
-        report["test_top1"] = top1(predict_logits(final, x_test, transform), _labels(splits["test"]))
+        x_test = splits["test"].inputs(plan_tensors(plans[chosen]))
+        report["test_top1"] = top1(predict_logits(final, x_test, transforms[chosen]), _labels(splits["test"]))
     config = CheckpointConfig(
         backbone=spec,
-        method=MethodSpec(name=req.method, k=chosen_k, params=final.hparams()),
+        method=MethodSpec(name=req.method, k=chosen, params=final.hparams()),
         classes=classes,
-        codec=codec_specs.get(chosen_k) or codec or {"name": "fp32"},
+        codecs=specs[chosen],
         training={**req.params.__dict__, "refit": req.refit, "train": str(Path(req.train).resolve()),
                   "val": str(Path(req.val).resolve()) if req.val else None,
                   "cache_dir": str(Path(cache_root).resolve()), "backbone_precision": req.backbone_precision},
@@ -210,9 +227,16 @@ def run_training(req: TrainRequest, log: Log = print, transform: FeatureTransfor
     return report
 
 
+def wire_bytes(plan: CloudPlan, specs: dict[str, dict[str, Any]], prefix: int) -> int:
+    """Bytes per image the device receives for this plan and these codecs (before zstd)."""
+    from mist_kit.runtime.codec.plan_codecs import bytes_per_image, plan_codecs
+
+    return bytes_per_image(plan_codecs(plan, specs, prefix))
+
+
 def run_evaluation(checkpoint: str | Path, data: str, cache_dir: Path | None = None, weights: str | None = None,
                    skip_bad: bool = False, progress: bool = True, log: Log = print,
-                   transform: FeatureTransform | None = None, precision: str | None = None) -> dict[str, Any]:
+                   precision: str | None = None) -> dict[str, Any]:
     """Top-1 of a checkpoint on a labelled dataset (features cached like training's).
 
     `precision` overrides the backbone precision the checkpoint's features were cached with (e.g. bf16 to
@@ -222,27 +246,19 @@ def run_evaluation(checkpoint: str | Path, data: str, cache_dir: Path | None = N
     images = load_image_list(data)
     if len(images.classes) > len(config.classes):
         raise DataError(f"{data}: has {len(images.classes)} classes, the checkpoint knows {len(config.classes)}")
-    backbone = load_backbone_for(config.backbone, weights)
-    k = config.method.k
-    kind = model.input_kind
-    ks = (k,) if k is not None else (config.backbone.num_blocks,)
+    plan = model.plan
     used_precision = precision or str(config.training.get("backbone_precision", "fp32"))
     if used_precision not in ("fp32", "bf16"):
         raise UsageError(f"backbone precision must be fp32 or bf16, got {used_precision!r}")
     root = cache_dir or Path(config.training.get("cache_dir") or Path(checkpoint) / "cache")
-    split, secs, skipped = cache_features(backbone, config.backbone, images, root, ks, skip_bad=skip_bad,
-                                          progress=progress, log=log, precision=used_precision)
-    if transform is None and config.codec.get("name", "fp32") != "fp32":
-        transform = codec_transform(config.codec)
-    logits = predict_logits(model, _features(split, kind, k), transform)
+    split, secs, skipped = cache_features(lambda: load_backbone_for(config.backbone, weights), config.backbone,
+                                          images, root, plan.sources, skip_bad=skip_bad, progress=progress, log=log,
+                                          precision=used_precision)
+    from mist_kit.runtime.codec.plan_codecs import plan_codecs
+
+    transforms = roundtrips(plan_codecs(plan, config.codecs, config.backbone.num_prefix_tokens))
+    logits = predict_logits(model, split.inputs(plan_tensors(plan)), transforms)
     labels = _labels(split)
     return {"top1": top1(logits, labels), "images": len(labels), "skipped_images": skipped,
-            "k": k, "method": config.method.name, "cache_seconds": round(secs, 3),
+            "k": config.method.k, "method": config.method.name, "cache_seconds": round(secs, 3),
             "backbone_precision": used_precision}
-
-
-def codec_transform(codec: dict[str, Any]) -> FeatureTransform | None:
-    """The encode->decode round trip a checkpoint's codec applies to features (None for lossless fp32)."""
-    from mist_kit.runtime.codec import transform_for
-
-    return transform_for(codec)

@@ -20,10 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from mist_kit.cache import InputRows
 from mist_kit.edge.base import EdgeMethod
 from mist_kit.errors import UsageError
 
 FeatureTransform = Callable[[np.ndarray], np.ndarray]
+Transforms = Mapping[str, FeatureTransform | None]  # sent tensor name -> codec round trip (None: lossless)
+Inputs = InputRows | Mapping[str, np.ndarray] | np.ndarray
 EpochCallback = Callable[[int, dict[Hashable, dict[str, float]]], None]
 
 
@@ -85,20 +88,36 @@ def _schedule(params: TrainParams, steps_per_epoch: int) -> Callable[[int], floa
     return factor
 
 
-def _batch(x: np.ndarray, idx: np.ndarray, transform: FeatureTransform | None) -> torch.Tensor:
-    arr = np.asarray(x[idx], dtype=np.float32)
-    if transform is not None:
-        arr = transform(arr)
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+def as_rows(model: EdgeMethod, x: Inputs) -> InputRows:
+    """Accept cached rows, in-memory arrays by tensor name, or one array for a single-input method."""
+    if isinstance(x, InputRows):
+        return x
+    if isinstance(x, np.ndarray):
+        names = list(model.input_shapes)
+        if len(names) != 1:
+            raise UsageError(f"method {model.method_name!r} takes {names}; pass a mapping name -> array")
+        return InputRows.of({names[0]: x})
+    return InputRows.of(x)
+
+
+def _as_transforms(model: EdgeMethod, transform: FeatureTransform | Transforms | None) -> Transforms:
+    if transform is None or isinstance(transform, Mapping):
+        return transform or {}
+    return dict.fromkeys(model.input_shapes, transform)
+
+
+def _batch(x: InputRows, idx: np.ndarray, transforms: Transforms) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(np.ascontiguousarray(arr)) for name, arr in x.batch(idx, transforms).items()}
 
 
 @torch.no_grad()
-def predict_logits(model: EdgeMethod, x: np.ndarray, transform: FeatureTransform | None = None,
+def predict_logits(model: EdgeMethod, x: Inputs, transform: FeatureTransform | Transforms | None = None,
                    batch_size: int = 256) -> np.ndarray:
-    """Logits [N, C] for cached features `x` (float16 or float32, any N)."""
+    """Logits [N, C] for cached inputs `x` (float16 or float32, any N), read a batch at a time."""
     model.eval()
-    out = [model(_batch(x, np.arange(i, min(i + batch_size, len(x))), transform)).numpy()
-           for i in range(0, len(x), batch_size)]
+    rows, tx = as_rows(model, x), _as_transforms(model, transform)
+    out = [model(_batch(rows, np.arange(i, min(i + batch_size, len(rows))), tx)).numpy()
+           for i in range(0, len(rows), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, model.num_classes), np.float32)
 
 
@@ -107,16 +126,20 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=1) == np.asarray(labels))) if len(labels) else 0.0
 
 
-def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hashable, np.ndarray],
+def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hashable, Inputs],
                    train_y: np.ndarray, params: TrainParams,
-                   val_x: Mapping[Hashable, np.ndarray] | None = None, val_y: np.ndarray | None = None,
-                   transform: FeatureTransform | Mapping[Hashable, FeatureTransform | None] | None = None,
-                   on_epoch: EpochCallback | None = None) -> dict[Hashable, FitResult]:
+                   val_x: Mapping[Hashable, Inputs] | None = None, val_y: np.ndarray | None = None,
+                   transform: FeatureTransform | Mapping[Hashable, Transforms | FeatureTransform | None] | None
+                   = None, on_epoch: EpochCallback | None = None) -> dict[Hashable, FitResult]:
     """Train every candidate on the same batch sequence; with val data, keep each one's best-val state.
 
-    `transform` may be one callable for all candidates or one per candidate key (a codec calibrated per k).
+    `transform` may be one callable for all candidates or, per candidate key, a callable or a mapping tensor
+    name -> callable (codecs calibrated per k and per tensor). Batches stream from the cache's memory maps.
     """
-    per_key = transform if isinstance(transform, Mapping) else {key: transform for key in models}
+    raw = transform if isinstance(transform, Mapping) else dict.fromkeys(models, transform)
+    per_key = {key: _as_transforms(models[key], raw.get(key)) for key in models}
+    tx = {key: as_rows(models[key], train_x[key]) for key in models}
+    vx = None if val_x is None else {key: as_rows(models[key], val_x[key]) for key in models}
     rng = np.random.default_rng(params.seed)
     n = len(train_y)
     steps_per_epoch = max(1, math.ceil(n / params.batch_size))
@@ -124,10 +147,9 @@ def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hasha
     loss_fn = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
     opts, scheds = {}, {}
     for key, model in models.items():
-        decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
-        no_decay = [p for name, p in model.named_parameters() if p.ndim < 2 and p.requires_grad]
-        opts[key] = torch.optim.AdamW([{"params": decay, "weight_decay": params.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=params.lr)
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": params.lr * g["lr_scale"]}
+                  for g in model.param_groups(params.weight_decay) if g["params"]]
+        opts[key] = torch.optim.AdamW(groups, lr=params.lr)
         scheds[key] = torch.optim.lr_scheduler.LambdaLR(opts[key], _schedule(params, steps_per_epoch))
     results = {key: FitResult(state=copy.deepcopy(m.state_dict()), best_epoch=0, best_val_top1=None, epochs_run=0)
                for key, m in models.items()}
@@ -143,7 +165,7 @@ def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hasha
                 idx = np.sort(order[s * params.batch_size: (s + 1) * params.batch_size])
                 y = y_all[idx]
                 for key in active:
-                    loss = loss_fn(models[key](_batch(train_x[key], idx, per_key.get(key))), y)
+                    loss = loss_fn(models[key](_batch(tx[key], idx, per_key[key])), y)
                     opts[key].zero_grad(set_to_none=True)
                     loss.backward()
                     opts[key].step()
@@ -154,8 +176,8 @@ def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hasha
                 res = results[key]
                 res.epochs_run = epoch
                 row = {"epoch": epoch, "loss": losses[key]}
-                if val_x is not None and val_y is not None:
-                    acc = top1(predict_logits(models[key], val_x[key], per_key.get(key)), val_y)
+                if vx is not None and val_y is not None:
+                    acc = top1(predict_logits(models[key], vx[key], per_key[key]), val_y)
                     row["val_top1"] = acc
                     if res.best_val_top1 is None or acc > res.best_val_top1:
                         res.best_val_top1, res.best_epoch = acc, epoch
@@ -182,12 +204,12 @@ def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hasha
     return results
 
 
-def fit(model: EdgeMethod, train_x: np.ndarray, train_y: np.ndarray, params: TrainParams,
-        val_x: np.ndarray | None = None, val_y: np.ndarray | None = None,
-        transform: FeatureTransform | None = None, on_epoch: EpochCallback | None = None) -> FitResult:
+def fit(model: EdgeMethod, train_x: Inputs, train_y: np.ndarray, params: TrainParams,
+        val_x: Inputs | None = None, val_y: np.ndarray | None = None,
+        transform: FeatureTransform | Transforms | None = None, on_epoch: EpochCallback | None = None) -> FitResult:
     """Train one model (see `fit_candidates`)."""
     res = fit_candidates({0: model}, {0: train_x}, train_y, params,
-                         None if val_x is None else {0: val_x}, val_y, transform, on_epoch)
+                         None if val_x is None else {0: val_x}, val_y, {0: transform}, on_epoch)
     return res[0]
 
 

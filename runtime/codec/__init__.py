@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from mist_kit.runtime.codec import builtin as _builtin  # noqa: F401  (registers the built-in codecs)
-from mist_kit.runtime.codec.codec import Codec, TensorSpec
+from mist_kit.runtime.codec.codec import DEFAULT_TENSOR, Codec, TensorSpec
 from mist_kit.runtime.codec.params import CodecParams, Quant
 from mist_kit.runtime.codec.registry import codec_params, list_codecs, register_codec
 from mist_kit.runtime.codec.wire import decode_payload, encode_payload
@@ -48,10 +48,11 @@ def parse_codec_name(text: str) -> tuple[str, int | None]:
     return name, int(level) if level else 3
 
 
-def fit_codec(name: str, x: np.ndarray, num_prefix_tokens: int, zstd: int | None = None) -> Codec:
-    """Calibrate codec `name` ('NAME' or 'NAME+zstdL') on features x [N, T, D]."""
+def fit_codec(name: str, x: np.ndarray, num_prefix_tokens: int, zstd: int | None = None,
+              tensor: str = DEFAULT_TENSOR) -> Codec:
+    """Calibrate codec `name` ('NAME' or 'NAME+zstdL') on features x [N, T, D] of the sent tensor `tensor`."""
     base, level = parse_codec_name(name)
-    return Codec.fit(base, x, num_prefix_tokens, zstd=zstd if zstd is not None else level)
+    return Codec.fit(base, x, num_prefix_tokens, zstd=zstd if zstd is not None else level, tensor=tensor)
 
 
 def create_codec(spec: dict[str, Any]) -> Codec:

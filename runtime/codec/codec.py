@@ -21,6 +21,9 @@ from mist_kit.runtime.codec.params import QMAX, QRANGE, CodecParams, Quant
 from mist_kit.runtime.codec.registry import codec_params
 
 MIN_SCALE = np.float32(1e-12)  # an all-zero channel or token still gets a finite, positive scale
+# The sent tensor a codec encodes names its encoded tensors: fp32/fp16 keep the name, int8 adds `_q` (and
+# `_scale`), int4 `_q4`. A codec fitted without a name (codec bench, standalone use) encodes `features`.
+DEFAULT_TENSOR = "features"
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,8 @@ class Codec:
     def __init__(self, name: str, params: CodecParams, tokens: int | None = None, dim: int | None = None,
                  prefix: int | None = None, zstd: int | None = None, scale: np.ndarray | None = None,
                  prefix_scale: np.ndarray | None = None, mean: np.ndarray | None = None,
-                 basis: np.ndarray | None = None) -> None:
-        self.name, self.params = name, params
+                 basis: np.ndarray | None = None, tensor: str = DEFAULT_TENSOR) -> None:
+        self.name, self.params, self.tensor = name, params, tensor
         self.tokens, self.dim, self.prefix, self.zstd = tokens, dim, prefix, zstd
         self.scale, self.prefix_scale, self.mean, self.basis = scale, prefix_scale, mean, basis
         if zstd is not None and not 1 <= zstd <= 22:
@@ -92,7 +95,8 @@ class Codec:
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, name: str, x: np.ndarray, num_prefix_tokens: int, zstd: int | None = None) -> Codec:
+    def fit(cls, name: str, x: np.ndarray, num_prefix_tokens: int, zstd: int | None = None,
+            tensor: str = DEFAULT_TENSOR) -> Codec:
         """Calibrate codec `name` on features x [N, T, D] (scales, PCA basis) and record the geometry."""
         params = codec_params(name)
         x = np.asarray(x, dtype=np.float32)
@@ -101,7 +105,7 @@ class Codec:
         _, t, d = x.shape
         if not 0 <= num_prefix_tokens < t:
             raise CodecError(f"codec calibration: prefix tokens {num_prefix_tokens} do not fit T={t}")
-        bare = cls(name, params.geometry_only(), t, d, num_prefix_tokens)
+        bare = cls(name, params.geometry_only(), t, d, num_prefix_tokens, tensor=tensor)
         pooled = bare.pool(x)  # (N, T', D)
         kw: dict[str, Any] = {}
         q = params.quant
@@ -122,7 +126,7 @@ class Codec:
             kw["basis"] = np.ascontiguousarray(vecs[:, ::-1][:, :rank], dtype=np.float32)  # (D, r), top variance
             proj = (pooled.reshape(-1, d) - kw["mean"]) @ kw["basis"]
             kw["scale"] = _channel_scale(proj, params.percentile, QMAX[q])
-        return cls(name, params, t, d, num_prefix_tokens, zstd=zstd, **kw)
+        return cls(name, params, t, d, num_prefix_tokens, zstd=zstd, tensor=tensor, **kw)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Codec:
@@ -148,11 +152,16 @@ class Codec:
             if params.quant is Quant.PCA_INT8:
                 kw["mean"] = _floats(spec, "mean", (d,), positive=False)
                 kw["basis"] = _floats(spec, "basis", (d, width), positive=False)
-        return cls(name, params, t, d, geo["prefix"], zstd=zstd, **kw)
+        tensor = spec.get("tensor", DEFAULT_TENSOR)
+        if not isinstance(tensor, str) or not tensor.isidentifier() or len(tensor) > 48:
+            raise CodecError(f"codec spec field 'tensor': expected a tensor name, got {tensor!r}")
+        return cls(name, params, t, d, geo["prefix"], zstd=zstd, tensor=tensor, **kw)
 
     def spec(self) -> dict[str, Any]:
         """JSON-ready spec (recorded in checkpoint config and bundle manifest); float32 values round-trip exactly."""
         out: dict[str, Any] = {"name": self.name, "quant": self.params.quant.value, "pool": self.params.pool}
+        if self.tensor != DEFAULT_TENSOR:
+            out["tensor"] = self.tensor
         if self.tokens is not None:
             out.update(tokens=self.tokens, dim=self.dim, prefix=self.prefix, num_tokens=self.out_tokens)
         if self.zstd is not None:
@@ -185,16 +194,17 @@ class Codec:
             raise CodecError(f"codec {self.name!r}: geometry unknown; pass tokens and dim or fit the codec")
         q = self.params.quant
         if q is Quant.FP32:
-            return [TensorSpec("features", "float32", (t, d))]
+            return [TensorSpec(self.tensor, "float32", (t, d))]
         if q is Quant.FP16:
-            return [TensorSpec("features", "float16", (t, d))]
+            return [TensorSpec(self.tensor, "float16", (t, d))]
         if q is Quant.INT8:
-            return [TensorSpec("features_q", "int8", (t, d))]
+            return [TensorSpec(f"{self.tensor}_q", "int8", (t, d))]
         if q is Quant.INT8_TOKEN:
-            return [TensorSpec("features_q", "int8", (t, d)), TensorSpec("features_scale", "float32", (t, 1))]
+            return [TensorSpec(f"{self.tensor}_q", "int8", (t, d)),
+                    TensorSpec(f"{self.tensor}_scale", "float32", (t, 1))]
         if q is Quant.INT4:
-            return [TensorSpec("features_q4", "uint8", (t, d // 2))]
-        return [TensorSpec("features_q", "int8", (t, int(self.params.rank or 0)))]
+            return [TensorSpec(f"{self.tensor}_q4", "uint8", (t, d // 2))]
+        return [TensorSpec(f"{self.tensor}_q", "int8", (t, int(self.params.rank or 0)))]
 
     def bytes_per_image(self, tokens: int | None = None, dim: int | None = None) -> int:
         return sum(s.nbytes for s in self.outputs(tokens, dim))
@@ -242,21 +252,22 @@ class Codec:
         x = self.pool(self._check_input(x))  # (B, T', D)
         q = self.params.quant
         if q is Quant.FP32:
-            return {"features": np.ascontiguousarray(x)}
+            return {self.tensor: np.ascontiguousarray(x)}
         if q is Quant.FP16:
-            return {"features": x.astype(np.float16)}
+            return {self.tensor: x.astype(np.float16)}
         if q is Quant.INT8_TOKEN:
             s = np.maximum(np.max(np.abs(x), axis=2, keepdims=True) / np.float32(127), MIN_SCALE)  # (B, T', 1)
-            return {"features_q": _quantize(x, s, q).astype(np.int8), "features_scale": s.astype(np.float32)}
+            return {f"{self.tensor}_q": _quantize(x, s, q).astype(np.int8),
+                    f"{self.tensor}_scale": s.astype(np.float32)}
         if q is Quant.PCA_INT8:
             assert self.mean is not None and self.basis is not None and self.scale is not None
             proj = (x - self.mean) @ self.basis  # (B, T', r)
-            return {"features_q": _quantize(proj, self.scale, q).astype(np.int8)}
+            return {f"{self.tensor}_q": _quantize(proj, self.scale, q).astype(np.int8)}
         vals = _quantize(x, self.full_scale(), q)  # (B, T', D) float holding integers
         if q is Quant.INT8:
-            return {"features_q": vals.astype(np.int8)}
+            return {f"{self.tensor}_q": vals.astype(np.int8)}
         packed = (vals[..., 0::2] + np.float32(8)) + (vals[..., 1::2] + np.float32(8)) * np.float32(16)
-        return {"features_q4": packed.astype(np.uint8)}  # (B, T', D/2): even channel low nibble, odd high
+        return {f"{self.tensor}_q4": packed.astype(np.uint8)}  # (B, T', D/2): even channel low nibble, odd high
 
     def check_encoded(self, tensors: dict[str, np.ndarray]) -> int:
         """Validate names, dtypes and per-image shapes of encoded tensors; return the batch size."""
@@ -286,15 +297,15 @@ class Codec:
         self.check_encoded(tensors)
         q = self.params.quant
         if q in (Quant.FP32, Quant.FP16):
-            return tensors["features"].astype(np.float32)
+            return tensors[self.tensor].astype(np.float32)
         if q is Quant.INT8_TOKEN:
-            return tensors["features_q"].astype(np.float32) * tensors["features_scale"]
+            return tensors[f"{self.tensor}_q"].astype(np.float32) * tensors[f"{self.tensor}_scale"]
         if q is Quant.PCA_INT8:
             assert self.mean is not None and self.basis is not None and self.scale is not None
-            return (tensors["features_q"].astype(np.float32) * self.scale) @ self.basis.T + self.mean
+            return (tensors[f"{self.tensor}_q"].astype(np.float32) * self.scale) @ self.basis.T + self.mean
         if q is Quant.INT8:
-            return tensors["features_q"].astype(np.float32) * self.full_scale()
-        packed = tensors["features_q4"].astype(np.float32)  # (B, T', D/2)
+            return tensors[f"{self.tensor}_q"].astype(np.float32) * self.full_scale()
+        packed = tensors[f"{self.tensor}_q4"].astype(np.float32)  # (B, T', D/2)
         hi = np.floor(packed / np.float32(16))
         lo = packed - hi * np.float32(16)
         vals = np.stack([lo - np.float32(8), hi - np.float32(8)], axis=-1).reshape(*packed.shape[:2], -1)

@@ -1,51 +1,120 @@
-"""The contract every edge method fulfils: features -> embedding (the exported edge graph) -> linear head.
+"""The contract every edge method fulfils: a cloud plan (what the cloud sends) and an edge network on it.
 
-The split between `embed` and `head` is the deployment boundary: `embed` becomes `edge.onnx`, the head becomes
-`head.safetensors`, which a device can retrain in numpy without the rest of the network.
+A method declares both halves in one class:
+- cloud side (classmethods, no weights needed): `depth_candidates` (what `--k auto` searches: MIST's gather depth,
+  ViT-Split's split point, ...) and `cloud_plan(backbone, depth, params)`: the named tensors the cloud sends;
+- edge side (the module): `embed(inputs)` maps the plan's tensors (name -> [B, T, D], after the codec's round trip)
+  to an embedding [B, E]; `head` is always an `nn.Linear` on it. `embed` becomes `edge.onnx`, the head becomes
+  `head.safetensors`, which a device can retrain in numpy without the rest of the network;
+- its cost (`cost()`: parameters, MACs and activation bytes per image), which the manifest records and the device
+  budget uses as is;
+- optionally `init_from_backbone(vit)` (a method that copies backbone blocks) and `param_groups` (learning-rate
+  multipliers), which the trainer calls.
+See docs/CONTRACTS.md for a worked example of adding a method.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from mist_kit.runtime.plan import BackboneShape, CloudPlan, EdgeCost
+
+InputShapes = Mapping[str, tuple[int, ...]]
+
 
 class EdgeMethod(nn.Module):
-    """Base class. Subclasses set `input_kind` and implement `embed`; `head` is always a `nn.Linear`.
-
-    `input_kind` says what the cloud sends: "gather" = MIST's g_k [B, T, D]; "final_cls" = the backbone's
-    final-norm cls token [B, D] (the linear-probe baseline, which needs the whole backbone in the cloud).
-    """
+    """Base class. Subclasses implement `cloud_plan`, `embed`, `macs_per_image` and `activation_bytes`."""
 
     method_name: ClassVar[str] = ""
-    input_kind: ClassVar[str] = "gather"
+    depth_name: ClassVar[str] = "k"  # what `depth` means for this method, in messages and reports
+    needs_backbone_init: ClassVar[bool] = False  # True: `init_from_backbone` must run before training
 
-    def __init__(self, *, embed_dim: int, num_tokens: int, num_prefix_tokens: int, num_classes: int) -> None:
+    def __init__(self, *, backbone: BackboneShape, depth: int | None, inputs: InputShapes, num_classes: int) -> None:
         super().__init__()
-        self.embed_dim = embed_dim
-        self.num_tokens = num_tokens
-        self.num_prefix_tokens = num_prefix_tokens
+        self.backbone = backbone
+        self.depth = depth
+        self.input_shapes = {name: tuple(int(x) for x in shape) for name, shape in inputs.items()}
         self.num_classes = num_classes
 
+    # ---- cloud side --------------------------------------------------------------------------------------------
+    @classmethod
+    def depth_candidates(cls, backbone: BackboneShape, params: Mapping[str, Any]) -> tuple[int | None, ...]:
+        """The depths `--k auto` chooses among on val; (None,) for a method without one."""
+        return (None,)
+
+    @classmethod
+    def check_depth(cls, backbone: BackboneShape, depth: int | None) -> None:
+        """Raise ValueError when `depth` is not valid for this backbone (fast, before any backbone work)."""
+        if depth is not None:
+            raise ValueError(f"method {cls.method_name!r} takes no depth ({cls.depth_name}); got {depth}")
+
+    @classmethod
+    def cloud_plan(cls, backbone: BackboneShape, depth: int | None,
+                   params: Mapping[str, Any]) -> CloudPlan:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def hparams_for_plan(self) -> dict[str, Any]:
+        """The hyperparameters the plan depends on (default: all of `hparams`)."""
+        return self.hparams()
+
+    @property
+    def plan(self) -> CloudPlan:
+        return self.cloud_plan(self.backbone, self.depth, self.hparams_for_plan())
+
+    # ---- edge side ---------------------------------------------------------------------------------------------
     @property
     def embedding_dim(self) -> int:
         return int(self.head.in_features)
 
-    def embed(self, features: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def embed(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(features))
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(self.embed(inputs))
 
     def hparams(self) -> dict[str, Any]:
         """The constructor parameters beyond the shapes, recorded in the checkpoint's `method.params`."""
         return {}
 
-    def macs_per_image(self, num_tokens: int | None = None) -> int:
-        """Multiply-accumulates of `embed` + head for one image (for device budgets and reports)."""
-        return 0
+    def init_from_backbone(self, vit: nn.Module) -> None:
+        """Copy what the method needs from the frozen backbone (e.g. its last blocks); default: nothing."""
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW parameter groups: matrices decay, vectors (norms, biases) do not. `lr_scale` multiplies the lr."""
+        decay = [p for p in self.parameters() if p.ndim >= 2 and p.requires_grad]
+        no_decay = [p for p in self.parameters() if p.ndim < 2 and p.requires_grad]
+        return [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+                {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+
+    # ---- cost --------------------------------------------------------------------------------------------------
+    def macs_per_image(self) -> int:  # pragma: no cover - abstract
+        """Multiply-accumulates of `embed` + head for one image (codec decoders excluded)."""
+        raise NotImplementedError
+
+    def activation_bytes(self) -> int:  # pragma: no cover - abstract
+        """float32 bytes live at the peak of `embed` for one image (inputs included, weights excluded)."""
+        raise NotImplementedError
 
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def num_params(self) -> int:
+        """Parameters of the edge graph + head (what the device holds)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def cost(self) -> EdgeCost:
+        return EdgeCost(self.num_params(), int(self.macs_per_image()), int(self.activation_bytes()))
+
+    def input_bytes(self) -> int:
+        """float32 bytes of the decoded inputs per image."""
+        total = 0
+        for shape in self.input_shapes.values():
+            n = 4
+            for d in shape:
+                n *= d
+            total += n
+        return total

@@ -6,10 +6,11 @@ look it up, and the registry-completeness tests build a tiny instance of every r
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mist_kit.errors import UsageError
+from mist_kit.runtime.plan import BackboneShape
 
 if TYPE_CHECKING:
     from mist_kit.edge.base import EdgeMethod
@@ -43,9 +44,28 @@ def get_edge_method(name: str) -> type[EdgeMethod]:
     return _REGISTRY[name]
 
 
-def create_edge_method(name: str, *, embed_dim: int, num_tokens: int, num_prefix_tokens: int, num_classes: int,
-                       **params: Any) -> EdgeMethod:
-    """Build the method `name` for features of shape [T, D] and `num_classes` outputs."""
+def create_edge_method(name: str, *, backbone: BackboneShape, depth: int | None, num_classes: int,
+                       params: Mapping[str, Any] | None = None, inputs: Mapping[str, tuple[int, ...]] | None = None,
+                       seed: int | None = None) -> EdgeMethod:
+    """Build method `name` at `depth` for `num_classes` outputs: the one way every caller builds a method.
+
+    `inputs` are the decoded tensor shapes the edge network receives (a token-pooling codec changes T); by default
+    the cloud plan's own shapes. With `seed` the initialisation is seeded without touching the global RNG stream.
+    A parameter or depth the method rejects raises ValueError.
+    """
+    import torch
+
     cls = get_edge_method(name)
-    return cls(embed_dim=embed_dim, num_tokens=num_tokens, num_prefix_tokens=num_prefix_tokens,
-               num_classes=num_classes, **params)
+    params = dict(params or {})
+    cls.check_depth(backbone, depth)
+    plan = cls.cloud_plan(backbone, depth, params)
+    shapes = dict(inputs) if inputs is not None else {t.name: t.shape for t in plan.tensors}
+    if tuple(shapes) != plan.names:
+        raise ValueError(f"inputs {list(shapes)} do not match the plan's tensors {list(plan.names)}")
+    with torch.random.fork_rng():
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            return cls(backbone=backbone, depth=depth, inputs=shapes, num_classes=num_classes, **params)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
