@@ -9,7 +9,6 @@ Real images are also needed for cloud-graph parity; they are read from the datas
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,51 +16,57 @@ from typing import Any
 
 import numpy as np
 
-from mist_kit.cache import CachedSplit, split_cache_dir
-from mist_kit.calibration.reader import ArrayBatches, InMemoryBatches, Transform
-from mist_kit.config import BackboneSpec, CheckpointConfig
+from mist_kit.cache import CachedSplit, open_complete, split_cache_dir
+from mist_kit.calibration.reader import InMemoryBatches, InputBatches, Transform
+from mist_kit.config import CheckpointConfig
 from mist_kit.data import ImageList, load_image_list, load_pixels, relabel
 from mist_kit.errors import DataError, InputError
+from mist_kit.runtime.plan import CloudPlan
 
 Log = Callable[[str], None]
-_BINDING_FIELDS = ("backbone", "weights_sha256", "img_size", "mean", "std", "resize", "tokens", "dim")
+Transforms = dict[str, Transform | None]
+Batches = InputBatches | InMemoryBatches
 
 
 @dataclass
 class RealData:
     """Calibration batches, held-out batches (with labels when known) and a few real images for cloud parity."""
 
-    calib: ArrayBatches | InMemoryBatches
-    held_out: ArrayBatches | InMemoryBatches | None  # None only when no check needs it (--quantize none)
+    calib: Batches  # {sent tensor name: decoded float32 batch}: the edge core's inputs
+    held_out: Batches | None  # None only when no check needs it (--quantize none)
     held_out_labels: np.ndarray | None
-    pixels: np.ndarray  # float32 [n, 3, H, W]
     source: str  # where the held-out data came from ("" when there is none)
     notes: list[str] = field(default_factory=list)
 
 
-def _binding_fits(meta: dict[str, Any], spec: BackboneSpec, k: int) -> bool:
-    b = meta.get("binding", {})
-    want = {"backbone": spec.name, "weights_sha256": spec.weights_sha256, "img_size": spec.img_size,
-            "mean": list(spec.mean), "std": list(spec.std), "resize": spec.resize, "tokens": spec.num_tokens,
-            "dim": spec.embed_dim}
-    return all(b.get(f) == want[f] for f in _BINDING_FIELDS) and k in b.get("ks", [])
+def plan_of(config: CheckpointConfig) -> CloudPlan:
+    """The cloud plan a checkpoint's method declares at its recorded depth."""
+    from mist_kit.edge import get_edge_method
+
+    m = config.method
+    return get_edge_method(m.name).cloud_plan(config.backbone.shape, m.k, m.params)
 
 
-def find_cached_split(config: CheckpointConfig, source: str | None, k: int,
+def find_cached_split(config: CheckpointConfig, source: str | None, plan: CloudPlan,
                       cache_root: Path | None = None, precision: str = "fp32") -> CachedSplit | None:
-    """The complete cache of dataset `source` bound to this checkpoint's backbone and holding g_k, if any."""
+    """The complete cache of dataset `source` bound to this checkpoint's backbone and holding the plan's tensors.
+
+    The binding is recomputed from the image list (names, labels, bytes), as training computed it; a list that is
+    not readable here has no usable cache.
+    """
+    from mist_kit.featurize import cache_binding
+
     root = cache_root or (Path(config.training["cache_dir"]) if config.training.get("cache_dir") else None)
-    if root is None or source is None:
-        return None
-    path = split_cache_dir(Path(root), source, precision)
-    meta_file = path / "meta.json"
-    if not meta_file.is_file():
+    if root is None or source is None or not Path(source).exists():
         return None
     try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, json.JSONDecodeError):
+        images = load_image_list(source)
+    except DataError:
         return None
-    return CachedSplit(path, meta) if _binding_fits(meta, config.backbone, k) else None
+    path = split_cache_dir(Path(root), source, precision)
+    split, _why = open_complete(path, cache_binding(config.backbone, images, precision),
+                                [str(s) for s in plan.sources])
+    return split
 
 
 def _real_images(sources: list[str | None], n: int, rng: np.random.Generator) -> tuple[list[Path], str | None]:
@@ -101,49 +106,60 @@ def _was_trained_on(config: CheckpointConfig, source: str) -> bool:
     return any(_same_source(source, s) for s in trained_sources(config))
 
 
-def _cached_rows(config: CheckpointConfig, source: str | None, k: int, n: int, rng: np.random.Generator,
-                 transform: Transform | None, cache_root: Path | None) -> tuple[ArrayBatches, np.ndarray] | None:
+def _cached_rows(config: CheckpointConfig, source: str | None, plan: CloudPlan, n: int, rng: np.random.Generator,
+                 transforms: Transforms, cache_root: Path | None) -> tuple[InputBatches, np.ndarray] | None:
     """Up to `n` random rows of `source`'s bound cache as batches, with their labels in batch order."""
-    split = find_cached_split(config, source, k, cache_root)
+    split = find_cached_split(config, source, plan, cache_root)
     if split is None:
         return None
-    rows = np.sort(rng.permutation(split.valid())[:n])
-    labels = np.asarray(split.labels())[rows]
+    rows = split.inputs({t.name: str(t.source) for t in plan.tensors})
+    positions = np.sort(rng.permutation(len(rows))[:n])
+    labels = np.asarray(split.labels())[split.valid()][positions]
     if split.classes and list(split.classes) != list(config.classes):  # other class order: match by name
         labels = relabel(labels, split.classes, config.classes)
-    return ArrayBatches(split.gather(k), rows, transform=transform), labels
+    return InputBatches(rows, positions, transforms=transforms), labels
 
 
-def _image_gathers(images: ImageList, rows: np.ndarray, gather: Any, config: CheckpointConfig,
-                   transform: Transform | None, batch_size: int = 16) -> np.ndarray:
-    """g_k (after the codec round trip, if any) for `images.paths[rows]`, computed with the torch gather model."""
+def _image_tensors(images: ImageList, rows: np.ndarray, cloud: Any, config: CheckpointConfig,
+                   transforms: Transforms, batch_size: int = 16) -> dict[str, np.ndarray]:
+    """The plan's tensors (after each codec's round trip) for `images.paths[rows]`, from the torch cloud module."""
     import torch
 
     b = config.backbone
-    feats = []
+    names = list(cloud.plan.names)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             px = np.stack([load_pixels(images.paths[i], b.img_size, b.mean, b.std)
                            for i in rows[start:start + batch_size]])
-            feats.append(gather(torch.from_numpy(px)).numpy())
-    x = np.concatenate(feats).astype(np.float32)
-    return np.asarray(transform(x), dtype=np.float32) if transform is not None else x
+            for name, t in zip(names, cloud(torch.from_numpy(px)), strict=True):
+                parts[name].append(t.numpy())
+    out = {}
+    for name in names:
+        x = np.concatenate(parts[name]).astype(np.float32)
+        fn = transforms.get(name)
+        out[name] = np.asarray(fn(x), dtype=np.float32) if fn is not None else x
+    return out
 
 
-def _chunks(x: np.ndarray, size: int = 32) -> InMemoryBatches:
-    return InMemoryBatches([{"features": x[i:i + size]} for i in range(0, len(x), size)])
+def _chunks(x: dict[str, np.ndarray], size: int = 32) -> InMemoryBatches:
+    n = len(next(iter(x.values())))
+    return InMemoryBatches([{name: a[i:i + size] for name, a in x.items()} for i in range(0, n, size)])
 
 
-def _held_out_from(source: str, config: CheckpointConfig, gather: Any, n: int, rng: np.random.Generator,
-                   transform: Transform | None, cache_root: Path | None,
-                   log: Log) -> tuple[ArrayBatches | InMemoryBatches, np.ndarray, str]:
-    cached = _cached_rows(config, source, config.method.k, n, rng, transform, cache_root)
+def _take(x: dict[str, np.ndarray], sl: slice) -> dict[str, np.ndarray]:
+    return {name: a[sl] for name, a in x.items()}
+
+
+def _held_out_from(source: str, config: CheckpointConfig, cloud: Any, n: int, rng: np.random.Generator,
+                   transforms: Transforms, cache_root: Path | None, log: Log) -> tuple[Batches, np.ndarray, str]:
+    cached = _cached_rows(config, source, cloud.plan, n, rng, transforms, cache_root)
     if cached is not None:
-        return cached[0], cached[1], f"held-out: {len(cached[0])} cached gathers of {source}"
+        return cached[0], cached[1], f"held-out: {len(cached[0])} cached images of {source}"
     images = load_image_list(source)
     rows = np.sort(rng.permutation(len(images))[:n])
-    log(f"computing held-out gathers for {len(rows)} images of {source}")
-    x = _image_gathers(images, rows, gather, config, transform)
+    log(f"computing held-out cloud tensors for {len(rows)} images of {source}")
+    x = _image_tensors(images, rows, cloud, config, transforms)
     return _chunks(x), images.labels_for(config.classes)[rows], f"held-out: {len(rows)} images of {source}"
 
 
@@ -163,8 +179,7 @@ def held_out_source(config: CheckpointConfig, calib: str | None, eval_data: str 
         return eval_data
     t = config.training
     val = t.get("val")
-    if val and not t.get("refit") and (Path(val).exists() or
-                                       find_cached_split(config, val, config.method.k, cache_root) is not None):
+    if val and not t.get("refit") and Path(val).exists():
         return str(val)
     if calib is not None and not _was_trained_on(config, calib):
         return calib
@@ -176,55 +191,56 @@ def held_out_source(config: CheckpointConfig, calib: str | None, eval_data: str 
     return None
 
 
-def real_data(config: CheckpointConfig, gather: Any, *, calib: str | None, held_out: str | None, n_calib: int,
-              n_eval: int, rng: np.random.Generator, transform: Transform | None, cache_root: Path | None,
+def real_data(config: CheckpointConfig, cloud: Any, *, calib: str | None, held_out: str | None, n_calib: int,
+              n_eval: int, rng: np.random.Generator, transforms: Transforms, cache_root: Path | None,
               log: Log) -> RealData:
     """Calibration data, and the held-out data `held_out` names (from `held_out_source`; None: none).
 
-    Calibration: `calib` images, else the training split's cache, else the training images. When `held_out` is
-    `calib` itself, the images not used for calibration are the held-out set.
+    Calibration: `calib` images, else the training split's cache, else the training images (through `cloud`, the
+    torch cloud module). When `held_out` is `calib` itself, the images not used for calibration are held out.
     """
-    k = config.method.k
     t = config.training
+    plan = cloud.plan
     source = held_out
     from_calib = source is not None and source == calib
     notes: list[str] = []
-    calib_rows: ArrayBatches | InMemoryBatches | None = None
+    calib_rows: Batches | None = None
     spare: tuple[InMemoryBatches, np.ndarray, str] | None = None
     if calib is None:
-        cached = _cached_rows(config, t.get("train"), k, n_calib, rng, transform, cache_root)
+        cached = _cached_rows(config, t.get("train"), plan, n_calib, rng, transforms, cache_root)
         if cached is not None:
             calib_rows = cached[0]
-            notes.append(f"calibration: {len(calib_rows)} cached train gathers of {t.get('train')}")
+            notes.append(f"calibration: {len(calib_rows)} cached train images of {t.get('train')}")
         else:
             calib = t.get("train")
             if not calib or not Path(calib).exists():
-                raise InputError(f"no feature cache for this checkpoint (k={k}) and its training data {calib} is "
-                                 "not readable here; pass --calib DATA (ImageFolder or list file)")
-            log(f"no matching feature cache; computing calibration gathers from the training images {calib}")
+                raise InputError(f"no feature cache for this checkpoint ({', '.join(plan.names)}) and its training "
+                                 f"data {calib} is not readable here; pass --calib DATA (ImageFolder or list file)")
+            log(f"no matching feature cache; computing calibration tensors from the training images {calib}")
     if calib_rows is None:
         images = load_image_list(calib)
         if len(images) < 2:
             raise InputError(f"{images.source}: --calib needs at least 2 images, found {len(images)}")
         take = n_calib + (n_eval if from_calib else 0)
         pick = rng.permutation(len(images))[:take]
-        log(f"computing calibration gathers for {len(pick)} images of {images.source}")
-        x = _image_gathers(images, pick, gather, config, transform)
-        n_c = min(n_calib, max(1, len(x) // 2)) if from_calib else len(x)
-        calib_rows = _chunks(x[:n_c])
+        log(f"computing calibration tensors for {len(pick)} images of {images.source}")
+        x = _image_tensors(images, pick, cloud, config, transforms)
+        n_all = len(next(iter(x.values())))
+        n_c = min(n_calib, max(1, n_all // 2)) if from_calib else n_all
+        calib_rows = _chunks(_take(x, slice(0, n_c)))
         notes.append(f"calibration: {n_c} images of {images.source}")
-        if from_calib and len(x) > n_c:
-            spare = (_chunks(x[n_c:]), images.labels_for(config.classes)[pick[n_c:]],
-                     f"held-out: {len(x) - n_c} images of {images.source} not used for calibration")
+        if from_calib and n_all > n_c:
+            spare = (_chunks(_take(x, slice(n_c, None))), images.labels_for(config.classes)[pick[n_c:]],
+                     f"held-out: {n_all - n_c} images of {images.source} not used for calibration")
 
-    held: ArrayBatches | InMemoryBatches | None = None
+    held: Batches | None = None
     labels: np.ndarray | None = None
     if source is not None and not from_calib:
-        held, labels, note = _held_out_from(source, config, gather, n_eval, rng, transform, cache_root, log)
+        held, labels, note = _held_out_from(source, config, cloud, n_eval, rng, transforms, cache_root, log)
         notes.append(note)
     elif spare is not None:
         held, labels, note = spare
         notes.append(note)
     else:
         notes.append("held-out: none (no data the checkpoint did not train on)")
-    return RealData(calib_rows, held, labels, np.zeros((0,), np.float32), source or "", notes)
+    return RealData(calib_rows, held, labels, source or "", notes)

@@ -48,11 +48,11 @@ def _expose(model: onnx.ModelProto, names: list[str]) -> bytes:
     return m.SerializeToString()
 
 
-def _rows(batches: Iterable[dict[str, np.ndarray]], rows: int) -> Iterable[np.ndarray]:
+def _rows(batches: Iterable[dict[str, np.ndarray]], rows: int) -> Iterable[dict[str, np.ndarray]]:
     for batch in batches:
-        x = next(iter(batch.values()))
-        for start in range(0, len(x), rows):
-            yield x[start: start + rows]
+        n = len(next(iter(batch.values())))
+        for start in range(0, n, rows):
+            yield {name: x[start: start + rows] for name, x in batch.items()}
 
 
 def node_error_table(fp32: onnx.ModelProto, quant: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]],
@@ -67,14 +67,15 @@ def node_error_table(fp32: onnx.ModelProto, quant: onnx.ModelProto, batches: Ite
                      if t and t not in inits and t in quant_tensors})
     ref_s = ort_session(_expose(fp32, wanted))
     q_s = ort_session(_expose(quant, wanted))
-    in_name = fp32.graph.input[0].name
+    in_names = [i.name for i in fp32.graph.input if i.name not in {j.name for j in fp32.graph.initializer}]
     ref_names = [o.name for o in ref_s.get_outputs()]
     q_names = [o.name for o in q_s.get_outputs()]
     signal = dict.fromkeys(wanted, 0.0)
     noise = dict.fromkeys(wanted, 0.0)
     for x in _rows(batches, rows):
-        ref = dict(zip(ref_names, ref_s.run(None, {in_name: x}), strict=True))
-        got = dict(zip(q_names, q_s.run(None, {in_name: x}), strict=True))
+        feeds = {name: x[name] for name in in_names}
+        ref = dict(zip(ref_names, ref_s.run(None, feeds), strict=True))
+        got = dict(zip(q_names, q_s.run(None, feeds), strict=True))
         for t in wanted:
             r = ref[t].astype(np.float64)
             signal[t] += float(np.sum(r * r))

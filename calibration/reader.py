@@ -7,9 +7,11 @@ is never loaded whole: rows are sliced from the memory map a batch at a time and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
+
+from mist_kit.cache import InputRows
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -65,3 +67,22 @@ class FeatureReader:
 
     def set_range(self, start_index: int, end_index: int) -> None:  # pragma: no cover - ORT's stride API
         self._it = None
+
+
+class InputBatches:
+    """Positions of cached `InputRows` in ascending order, re-iterable, as `{tensor name: float32 batch}`.
+
+    The multi-tensor form of `ArrayBatches`: every sent tensor of a plan, each through its own codec round trip.
+    """
+
+    def __init__(self, rows: InputRows, positions: np.ndarray, batch_size: int = 32,
+                 transforms: Mapping[str, Transform | None] | None = None) -> None:
+        self.rows, self.positions = rows, np.sort(np.asarray(positions))
+        self.batch_size, self.transforms = max(1, int(batch_size)), dict(transforms or {})
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, len(self.positions), self.batch_size):
+            yield self.rows.batch(self.positions[start: start + self.batch_size], self.transforms)

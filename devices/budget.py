@@ -17,45 +17,27 @@ import numpy as np
 
 from mist_kit.devices.caps import current_rss_mb, host_arch, peak_rss_mb
 from mist_kit.devices.profiles import DeviceProfile
-from mist_kit.errors import InputError
+from mist_kit.errors import BundleError, InputError
 
 MB = 1024 * 1024
 
 
-def edge_macs_per_image(manifest: dict[str, Any]) -> int | None:
-    """Multiply-accumulates of the edge network + head for one image (codec decoder excluded).
-
-    Uses the manifest's `edge.macs_per_image` when the exporter recorded it, otherwise the closed form of the
-    registered methods (MIST's LAE: per block 3TDr for q/k/v, 2T^2 r for scores and mixing, TrD for the output
-    projection; linear probe: head only). None for a method this formula does not know.
-    """
-    recorded = manifest.get("edge", {}).get("macs_per_image")
-    if isinstance(recorded, int):
-        return recorded
-    method = manifest.get("method") or {}
-    params = method.get("params") or {}
-    t, d = (int(x) for x in manifest["features"]["shape"][-2:]) if len(manifest["features"]["shape"]) >= 2 \
-        else (1, int(manifest["features"]["shape"][-1]))
-    e = int(manifest["head"]["embedding_dim"])
-    c = int(manifest["head"]["num_classes"])
-    if method.get("name") == "mist":
-        r, depth = int(params.get("rank", 16)), int(params.get("depth", 4))
-        return depth * (3 * t * d * r + 2 * t * t * r + t * r * d) + e * c
-    if method.get("name") == "linear":
-        return e * c
-    return None
+def edge_cost(manifest: dict[str, Any]) -> tuple[int, int, int]:
+    """(params, MACs per image, activation bytes per image) of the edge graph, as its method computed them at
+    export (`manifest.edge`); the codec decoders are not counted. No formula here: a method owns its cost."""
+    edge = manifest.get("edge") or {}
+    values = [edge.get(k) for k in ("params", "macs_per_image", "activation_bytes")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise BundleError("manifest.json: edge.params / edge.macs_per_image / edge.activation_bytes must be "
+                          "non-negative integers (re-export the bundle)")
+    return values[0], values[1], values[2]  # type: ignore[return-value]
 
 
 def activation_bytes_per_image(manifest: dict[str, Any]) -> int:
-    """Live tensors at the peak of one LAE block, per image: encoded input, decoded fp32 tokens, residual stream,
-    LayerNorm output, block output and new residual (4 x T x D fp32), q/k/v/mix (4 x T x r), scores + softmax
-    (2 x T x T)."""
-    shape = [int(x) for x in manifest["features"]["shape"]]
-    t, d = (shape[-2], shape[-1]) if len(shape) >= 2 else (1, shape[-1])
-    r = int((manifest.get("method") or {}).get("params", {}).get("rank", 16))
+    """The encoded tensors the device receives plus the edge graph's own peak activations, per image."""
     encoded = sum(int(np.prod([int(x) for x in o["shape"][1:]])) * np.dtype(o["dtype"]).itemsize
                   for o in manifest["cloud"]["outputs"])
-    return encoded + 4 * (t * d * 5 + 4 * t * r + 2 * t * t)
+    return encoded + edge_cost(manifest)[2]
 
 
 def _zeros_batch(manifest: dict[str, Any], batch: int) -> dict[str, np.ndarray]:
@@ -78,13 +60,13 @@ def check_bundle(bundle_dir: str | os.PathLike[str], profile: DeviceProfile, bat
     act = activation_bytes_per_image(manifest) * batch
     baseline = current_rss_mb()
     estimate_mb = round(baseline + 2 * model_bytes / MB + act / MB, 1)  # graph bytes + its in-memory copy
-    macs = edge_macs_per_image(manifest)
+    params, macs, _act = edge_cost(manifest)
     report: dict[str, Any] = {
         "device": profile.name, "arch": profile.arch, "host_arch": host_arch(), "memory_mb": profile.memory_mb,
         "budget_mb": profile.budget_mb, "batch": batch, "edge_file": bundle.edge_path.name,
         "model_mb": round(model_bytes / MB, 3), "activations_mb_estimate": round(act / MB, 2),
         "process_baseline_mb": baseline, "peak_mb_estimate": estimate_mb,
-        "edge_macs_per_image": macs, "edge_gmacs_per_image": None if macs is None else round(macs / 1e9, 4)}
+        "edge_params": params, "edge_macs_per_image": macs, "edge_gmacs_per_image": round(macs / 1e9, 4)}
     session = EdgeSession(bundle, SessionSettings.from_profile(profile))
     report.update(backend=session.backend, **({"backend_note": session.backend_note} if session.backend_note
                                               else {}))

@@ -7,8 +7,8 @@ failed validation or a crash leaves the previous bundle (or nothing) behind, nev
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from mist_kit.errors import ExportError
 from mist_kit.exporters.deploy import write_deploy
 from mist_kit.exporters.edge_onnx import write_head
 from mist_kit.exporters.onnx_utils import save_model, signature
+from mist_kit.runtime.codec import Codec
 from mist_kit.runtime.manifest import (
     BUNDLE_SCHEMA,
     CLOUD_FILE,
@@ -32,6 +33,7 @@ from mist_kit.runtime.manifest import (
     MANIFEST_FILE,
     files_table,
 )
+from mist_kit.runtime.plan import CloudPlan
 
 
 @dataclass
@@ -43,7 +45,6 @@ class Artifacts:
     edge: onnx.ModelProto
     method: EdgeMethod
     tflite: bytes | None = None
-    extra_files: dict[str, bytes] = field(default_factory=dict)  # e.g. codec.safetensors from the codec
 
 
 class ValidationFailed(Exception):
@@ -55,14 +56,15 @@ class ValidationFailed(Exception):
 
 
 def model_name_for(config: CheckpointConfig) -> str:
-    """Default served name of the cloud graph: backbone + gather depth (what Triton/KServe call the model)."""
+    """Default served name of the cloud graph: method + backbone + depth (what Triton/KServe call the model)."""
     base = "".join(c if c.isalnum() or c in "-_" else "-" for c in config.backbone.name)
-    return f"mist-{base}-k{config.method.k}"
+    depth = "" if config.method.k is None else f"-k{config.method.k}"
+    return f"{config.method.name}-{base}{depth}"
 
 
-def base_manifest(config: CheckpointConfig, model_name: str, codec: dict[str, Any], art: Artifacts,
-                  quantization: dict[str, Any] | None, parity: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's fields besides `files` (see docs/CONTRACTS.md), read off the graphs themselves."""
+def base_manifest(config: CheckpointConfig, model_name: str, plan: CloudPlan, codecs: Mapping[str, Codec],
+                  art: Artifacts, quantization: dict[str, Any] | None, parity: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's fields besides `files` (bundle format 2, see docs/CONTRACTS.md), read off the graphs."""
     b = config.backbone
     cloud_in, cloud_out = signature(art.cloud)
     edge_in, edge_out = signature(art.edge)
@@ -71,17 +73,20 @@ def base_manifest(config: CheckpointConfig, model_name: str, codec: dict[str, An
         "schema": BUNDLE_SCHEMA,
         "mist_kit_version": __version__,
         "model_name": model_name,
-        "backbone": {"name": b.name, "weights_sha256": b.weights_sha256},
-        "method": {"name": config.method.name, "params": dict(config.method.params)},
+        "backbone": {"name": b.name, "weights_sha256": b.weights_sha256, "num_blocks": b.num_blocks,
+                     "num_tokens": b.num_tokens, "embed_dim": b.embed_dim,
+                     "num_prefix_tokens": b.num_prefix_tokens},
+        "method": {"name": config.method.name, "params": dict(config.method.params), "k": config.method.k},
         "k": config.method.k,
         "input": {"size": b.img_size, "mean": list(b.mean), "std": list(b.std), "layout": "NCHW",
                   "resize": b.resize},
-        "features": {"shape": [b.num_tokens, b.embed_dim], "dtype": "float32"},
-        "codec": codec,
-        "cloud": {"file": CLOUD_FILE, "inputs": cloud_in, "outputs": cloud_out},
+        "cloud": {"file": CLOUD_FILE, "inputs": cloud_in, "outputs": cloud_out,
+                  "plan": plan.to_dict({name: c.spec() for name, c in codecs.items()})},
         "edge": {"file": EDGE_FILE, "reference": EDGE_FP32_FILE,
                  "tflite": EDGE_TFLITE_FILE if art.tflite is not None else None,
-                 "inputs": edge_in, "outputs": edge_out, "quantization": quantization},
+                 "inputs": edge_in, "outputs": edge_out, "quantization": quantization,
+                 **art.method.cost().to_dict(),
+                 "decoded_inputs": {name: list(shape) for name, shape in art.method.input_shapes.items()}},
         "head": {"file": HEAD_FILE, "embedding_dim": int(head_w.shape[1]), "num_classes": int(head_w.shape[0])},
         "classes": list(config.classes),
         "parity": parity,
@@ -106,9 +111,6 @@ def write_bundle(out: str | Path, art: Artifacts, manifest: dict[str, Any],
         write_head(art.method, tmp / HEAD_FILE)
         if art.tflite is not None:
             (tmp / EDGE_TFLITE_FILE).write_bytes(art.tflite)
-        for rel, data in art.extra_files.items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(data)
         write_deploy(tmp, CLOUD_FILE, manifest["model_name"], cloud_in, cloud_out)
         final = {**manifest, "files": files_table(tmp)}
         problems = validate(tmp, final)

@@ -1,4 +1,4 @@
-"""The edge graph: features [B,T,D] -> LAE blocks -> final norm -> pooling -> embedding [B,E]; head to safetensors.
+"""The edge graph: the plan's decoded tensors {name: [B,T,D]} -> the method's `embed` -> embedding [B,E]; head apart.
 
 The last linear layer is deliberately NOT in the graph: a device retrains it in numpy on its own labelled
 samples (`head.safetensors`: weight [C,E], bias [C]), so the int8 graph never has to change after deployment.
@@ -15,44 +15,42 @@ from torch import nn
 
 from mist_kit.atomic import atomic_path
 from mist_kit.edge import EdgeMethod
-from mist_kit.errors import UsageError
 from mist_kit.exporters.onnx_utils import export_dynamic_batch, name_nodes, set_batch_dim, signature
 
-FEATURES = "features"
 EMBEDDING = "embedding"
 OPSET = 18
 EDGE_MAX_ABS = 1e-4  # fp32 edge graph vs torch embed(); LayerNorm-bounded values, so an absolute bound is right
 
 
 class _Embed(nn.Module):
-    """Wraps `EdgeMethod.embed` as a module so the exporter traces embed only, never the head."""
+    """Wraps `EdgeMethod.embed` as a module of positional tensors (the plan's order) so the exporter traces embed
+    only, never the head."""
 
     def __init__(self, method: EdgeMethod) -> None:
         super().__init__()
         self.method = method
+        self.names = list(method.input_shapes)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.method.embed(features)  # (B, T, D) -> (B, E)
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.method.embed(dict(zip(self.names, tensors, strict=True)))  # {name: (B, T, D)} -> (B, E)
 
 
-def export_edge(method: EdgeMethod, tokens: int, dim: int, opset: int = OPSET) -> onnx.ModelProto:
-    """Export the embedding part of an edge method with a dynamic batch axis and named nodes."""
-    if method.input_kind != "gather":
-        raise UsageError(f"method {method.method_name!r} consumes {method.input_kind!r}, not the gather; split "
-                         "export supports gather-consuming edge methods (e.g. mist)")
+def export_edge(method: EdgeMethod, opset: int = OPSET) -> onnx.ModelProto:
+    """Export the embedding part of an edge method (inputs: its decoded tensors by name) with a dynamic batch axis
+    and named nodes."""
     module = _Embed(method.eval()).eval()
-    example = torch.zeros(2, tokens, dim)
-    model, _exporter = export_dynamic_batch(module, example, FEATURES, EMBEDDING, opset, "edge graph")
+    examples = tuple(torch.zeros(2, *shape) for shape in method.input_shapes.values())
+    model, _exporter = export_dynamic_batch(module, examples, module.names, [EMBEDDING], opset, "edge graph")
     set_batch_dim(model)
     return name_nodes(model, "edge")
 
 
-def check_signature(model: onnx.ModelProto, tokens: int, dim: int, embedding_dim: int) -> list[str]:
-    """The fp32 edge core takes `features` [-1,T,D] float32 and returns `embedding` [-1,E] float32."""
+def check_signature(model: onnx.ModelProto, method: EdgeMethod) -> list[str]:
+    """The fp32 edge core takes the decoded tensors [-1,T,D] float32 by name and returns `embedding` [-1,E]."""
     inputs, outputs = signature(model)
     problems = []
-    want_in = [{"name": FEATURES, "dtype": "float32", "shape": [-1, tokens, dim]}]
-    want_out = [{"name": EMBEDDING, "dtype": "float32", "shape": [-1, embedding_dim]}]
+    want_in = [{"name": name, "dtype": "float32", "shape": [-1, *shape]} for name, shape in method.input_shapes.items()]
+    want_out = [{"name": EMBEDDING, "dtype": "float32", "shape": [-1, method.embedding_dim]}]
     if inputs != want_in:
         problems.append(f"edge graph inputs {inputs} != expected {want_in}")
     if outputs != want_out:
@@ -60,11 +58,11 @@ def check_signature(model: onnx.ModelProto, tokens: int, dim: int, embedding_dim
     return problems
 
 
-def edge_parity(session: object, method: EdgeMethod, features: np.ndarray) -> float:
-    """Max abs difference between the fp32 edge graph and torch `embed` on real features."""
+def edge_parity(session: object, method: EdgeMethod, inputs: dict[str, np.ndarray]) -> float:
+    """Max abs difference between the fp32 edge graph and torch `embed` on real inputs."""
     with torch.no_grad():
-        ref = method.embed(torch.from_numpy(features)).numpy()
-    got = session.run([EMBEDDING], {FEATURES: features})[0]  # type: ignore[attr-defined]
+        ref = method.embed({k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
+    got = session.run([EMBEDDING], inputs)[0]  # type: ignore[attr-defined]
     return float(np.abs(got - ref).max())
 
 

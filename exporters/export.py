@@ -76,27 +76,27 @@ class ExportReport:
         return asdict(self)
 
 
-def _codec_spec(config: Any, requested: str | None, cache_dir: Path | None, log: Log) -> dict[str, Any]:
-    """The codec the bundle speaks: the requested one, else the checkpoint's, else the measured default.
+def _codec_specs(config: Any, plan: Any, requested: str | None, cache_dir: Path | None,
+                 log: Log) -> dict[str, dict[str, Any]]:
+    """The codec of every sent tensor: the requested one, else the checkpoint's, else the measured default.
 
     An fp32-trained checkpoint exports with `DEFAULT_LAYOUT_PRESERVING_CODEC` (int8-channel: 4x fewer bytes per
-    image, -0.15 pt on Caltech-101, see BENCHMARKS.md): the best codec that needs no retraining. It is calibrated
-    on the training cache; without one the export falls back to fp32 and says so (an explicit --codec fails).
+    image, -0.15 pt on Caltech-101, see BENCHMARKS.md) on every tensor: the best codec that needs no retraining.
+    It is calibrated per tensor on the training cache; without one the export falls back to fp32 and says so (an
+    explicit --codec fails).
     """
     from mist_kit.runtime.codec import DEFAULT_LAYOUT_PRESERVING_CODEC
 
-    spec = dict(config.codec or {"name": "fp32"})
-    trained = spec.get("name", "fp32")
-    if requested is None and trained != "fp32":
-        return spec
-    if requested is not None and requested == trained:
-        return spec
-    if trained != "fp32":
-        raise UsageError(f"--codec {requested}: the checkpoint's edge network was trained for codec {trained!r}; "
-                         f"retrain it for {requested!r} (mist-kit train --codec) first")
+    trained = {name: spec for name, spec in (config.codecs or {}).items() if spec.get("name", "fp32") != "fp32"}
+    names = {spec["name"] for spec in trained.values()}
+    if trained and (requested is None or names == {requested}):
+        return trained
+    if trained:
+        raise UsageError(f"--codec {requested}: the checkpoint's edge network was trained for codec "
+                         f"{', '.join(sorted(names))}; retrain it for {requested!r} (mist-kit train --codec) first")
     name = requested or DEFAULT_LAYOUT_PRESERVING_CODEC
     if name == "fp32":
-        return {"name": "fp32"}
+        return {}
     from mist_kit.calibration.codec_calib import fit_for_export
 
     try:
@@ -105,15 +105,29 @@ def _codec_spec(config: Any, requested: str | None, cache_dir: Path | None, log:
         if requested is not None:
             raise
         log(f"codec: fp32, not the default {name} ({exc}); pass --codec fp32 to silence this")
-        return {"name": "fp32"}
+        return {}
 
 
-def _codec_graphs() -> Any:
-    try:
-        from mist_kit.exporters import codec_graphs
-    except ImportError as exc:
-        raise UsageError(f"codec graph fragments are unavailable ({exc}); export with codec fp32") from None
-    return codec_graphs
+def _has_matmuls(model: Any, op_types: tuple[str, ...]) -> bool:
+    return any(n.op_type in op_types for n in model.graph.node)
+
+
+class _OneInput:
+    """A single-input method seen through the one-tensor interface edge.tflite's converter takes."""
+
+    def __init__(self, method: Any) -> None:
+        self.method, self.name = method, next(iter(method.input_shapes))
+        self.embedding_dim, self.head = method.embedding_dim, method.head
+
+    def embed(self, x: Any) -> Any:
+        return self.method.embed({self.name: x})
+
+    def eval(self) -> _OneInput:
+        self.method.eval()
+        return self
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(self.method, item)
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None,
@@ -124,14 +138,18 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
     """
     import torch
 
-    from mist_kit.backbone import GatherModel, load_backbone_for
+    from mist_kit.backbone import load_backbone_for
+    from mist_kit.backbone_run import CloudModule
     from mist_kit.calibration.features import held_out_source, parity_pixels, real_data
     from mist_kit.checkpoint import load_checkpoint
     from mist_kit.exporters import cloud_onnx, edge_onnx
+    from mist_kit.exporters import codec_graphs as cg
     from mist_kit.exporters.bundle import Artifacts, ValidationFailed, base_manifest, model_name_for, write_bundle
-    from mist_kit.exporters.quantize import Head, quantize_edge
+    from mist_kit.exporters.quantize import embeddings, quantize_edge
     from mist_kit.exporters.verify import chain_check
-    from mist_kit.pipeline import codec_transform
+    from mist_kit.runtime.bundle import Head
+    from mist_kit.runtime.codec.plan_codecs import plan_codecs, roundtrips
+    from mist_kit.runtime.metrics import top1_known
 
     t0 = time.perf_counter()
     opts = options or ExportOptions()
@@ -142,41 +160,42 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
 
         require_tflite()
     config, method = load_checkpoint(checkpoint)
-    if method.input_kind != "gather":
-        raise UsageError(f"method {config.method.name!r} consumes the backbone's final cls token, not a gather; "
-                         "split export supports gather methods (e.g. mist)")
+    plan = method.plan
+    if opts.tflite and len(plan.tensors) != 1:
+        raise UsageError(f"--tflite: edge.tflite takes one input tensor; method {config.method.name!r} sends "
+                         f"{len(plan.tensors)} ({', '.join(plan.names)})")
     # before any work: without data the network never trained on, the int8 gate would have nothing honest to score
     held_out = held_out_source(config, opts.calib, opts.eval_data, opts.cache_dir,
                                required=opts.quantize is Precision.INT8)
-    b, k = config.backbone, config.method.k
+    b = config.backbone
     backbone = load_backbone_for(b, opts.weights)  # wrong weights fail before any work
-    codec = _codec_spec(config, opts.codec, opts.cache_dir, log)
-    transform = codec_transform(codec) if codec.get("name", "fp32") != "fp32" else None
+    specs = _codec_specs(config, plan, opts.codec, opts.cache_dir, log)
+    codecs = plan_codecs(plan, specs, b.num_prefix_tokens)
+    transforms = roundtrips(codecs)
     rng = np.random.default_rng(opts.seed)
     torch.manual_seed(opts.seed)
-    gather = GatherModel(backbone, k).eval()
+    cloud_module = CloudModule(backbone, plan).eval()
     problems: list[str] = []
     notes: list[str] = []
 
-    log(f"exporting cloud graph ({b.name}, blocks 1..{k})")
-    cloud, exporter = cloud_onnx.export_cloud(gather, b.img_size)
-    problems += cloud_onnx.check_signature(cloud, b.num_tokens, b.embed_dim, b.img_size)
+    log(f"exporting cloud graph ({b.name}, blocks 1..{plan.blocks}, sends {', '.join(plan.names)})")
+    cloud, exporter = cloud_onnx.export_cloud(cloud_module, b.img_size)
+    problems += cloud_onnx.check_signature(cloud, plan, b.img_size)
     pixels = parity_pixels(config, opts.calib, opts.n_parity, rng)
-    parity = cloud_onnx.cloud_parity_model(cloud, gather, pixels)
+    parity = cloud_onnx.cloud_parity_model(cloud, cloud_module, pixels)
     problems += parity.problems
 
-    tokens = int(codec.get("num_tokens") or b.num_tokens)
     log("exporting edge graph (fp32 reference)")
-    edge_fp32 = edge_onnx.export_edge(method, tokens, b.embed_dim)
-    problems += edge_onnx.check_signature(edge_fp32, tokens, b.embed_dim, method.embedding_dim)
+    edge_fp32 = edge_onnx.export_edge(method)
+    problems += edge_onnx.check_signature(edge_fp32, method)
 
-    data = real_data(config, gather, calib=opts.calib, held_out=held_out, n_calib=opts.n_calib,
-                     n_eval=opts.n_eval, rng=rng, transform=transform, cache_root=opts.cache_dir, log=log)
+    data = real_data(config, cloud_module, calib=opts.calib, held_out=held_out, n_calib=opts.n_calib,
+                     n_eval=opts.n_eval, rng=rng, transforms=transforms, cache_root=opts.cache_dir, log=log)
     for note in data.notes:
         log(note)
     head = Head(method.head.weight.detach().numpy().astype(np.float32),
-                method.head.bias.detach().numpy().astype(np.float32))
-    sample = next(iter(data.held_out if data.held_out is not None else data.calib))["features"]
+                method.head.bias.detach().numpy().astype(np.float32), tuple(config.classes))
+    sample = next(iter(data.held_out if data.held_out is not None else data.calib))
     edge_err = edge_onnx.edge_parity(cloud_onnx.ort_session(edge_fp32.SerializeToString()), method, sample)
     if edge_err > edge_onnx.EDGE_MAX_ABS:
         problems.append(f"edge.fp32.onnx differs from torch embed: max abs err {edge_err:.3g} > "
@@ -184,9 +203,14 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
     quant = None
     edge = edge_fp32
     labels = data.held_out_labels
-    if opts.quantize is Precision.INT8 and data.held_out is not None:
-        specs = resolve_modes(opts.mode, opts.op_types)
-        result = quantize_edge(edge_fp32, specs, data.calib, data.held_out, head, labels, opts.min_agreement, log)
+    specs_q = resolve_modes(opts.mode, opts.op_types) if opts.quantize is Precision.INT8 else []
+    quantizable = bool(specs_q) and _has_matmuls(edge_fp32, specs_q[0].op_types)
+    if specs_q and not quantizable:
+        notes.append(f"edge graph of {config.method.name!r} has no matrix products to quantize; edge.onnx is the "
+                     "fp32 graph (the codec carries the int8)")
+        log(notes[-1])
+    if quantizable and data.held_out is not None:
+        result = quantize_edge(edge_fp32, specs_q, data.calib, data.held_out, head, labels, opts.min_agreement, log)
         quant = result.to_dict()
         edge = result.chosen.model
         m = result.chosen
@@ -197,12 +221,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
             problems.append(f"edge.onnx ({m.spec.name}) runs no int8 operators in onnxruntime")
         agreement, top1_fp32, top1_int8, n_eval = m.agreement, m.top1_fp32, m.top1_int8, m.n_eval
     elif data.held_out is not None:
-        from mist_kit.exporters.quantize import embeddings
-
         emb = embeddings(cloud_onnx.ort_session(edge_fp32.SerializeToString()), data.held_out)
-        pred = head.logits(emb).argmax(1)
-        known = labels is not None and (labels >= 0).any()
-        top1_fp32 = float((pred[labels >= 0] == labels[labels >= 0]).mean()) if known else None  # type: ignore
+        top1_fp32 = top1_known(head.logits(emb).argmax(1), labels)
         agreement, top1_int8, n_eval = 1.0, top1_fp32, len(emb)
     else:  # --quantize none and no data the checkpoint did not train on: nothing to score honestly
         agreement, top1_fp32, top1_int8, n_eval = 1.0, None, None, 0
@@ -211,29 +231,29 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
     if opts.tflite:  # the same fp32 core as int8 LiteRT, gated like edge.onnx (see exporters/tflite.py)
         from mist_kit.exporters.tflite import export_tflite
 
-        tflite_bytes, tflite_report = export_tflite(method, tokens, b.embed_dim, data.calib, data.held_out, head,
-                                                    labels, opts.min_agreement, codec, log)
+        one = _OneInput(method)
+        (tokens, dim), = method.input_shapes.values()
+        tflite_bytes, tflite_report = export_tflite(one, tokens, dim, data.calib, data.held_out, head, labels,
+                                                    opts.min_agreement, specs.get(one.name) or {"name": "fp32"}, log)
         problems += tflite_report["problems"]
 
-    if codec.get("name", "fp32") != "fp32":  # the seam: codec fragments wrap the validated fp32/int8 cores
-        cg = _codec_graphs()
-        cloud = cg.attach_encoder(cloud, codec)
-        edge_fp32 = cg.attach_decoder(edge_fp32, codec)
-        edge = cg.attach_decoder(edge, codec)
-    extra = _codec_graphs().codec_files(codec) if codec.get("name", "fp32") != "fp32" and \
-        hasattr(_codec_graphs(), "codec_files") else {}
+    for name, codec in codecs.items():  # the seam: codec fragments wrap the validated fp32/int8 cores
+        if not codec.lossless:
+            cloud = cg.attach_encoder(cloud, codec, features_output=name)
+            edge_fp32 = cg.attach_decoder(edge_fp32, codec, features_input=name)
+            edge = cg.attach_decoder(edge, codec, features_input=name)
 
     parity_d = {"cloud_max_abs_err": parity.max_abs_err, "cloud_max_rel_err": parity.max_rel_err,
                 "edge_top1_agreement": agreement, "edge_top1_fp32": top1_fp32, "edge_top1_int8": top1_int8,
                 "n_eval": n_eval, "eval_data": Path(data.source).name if n_eval else None,
                 "n_cloud_images": parity.n_images}
     name = opts.model_name or model_name_for(config)
-    art = Artifacts(cloud, edge_fp32, edge, method, tflite_bytes, extra)
-    manifest = base_manifest(config, name, codec, art, quant and _manifest_quant(quant), parity_d)
+    art = Artifacts(cloud, edge_fp32, edge, method, tflite_bytes)
+    manifest = base_manifest(config, name, plan, codecs, art, quant and _manifest_quant(quant), parity_d)
     chain: dict[str, Any] = {}
 
     def validate(tmp: Path, final: dict[str, Any]) -> list[str]:
-        chain.update(chain_check(tmp, final, gather, method, transform, pixels))
+        chain.update(chain_check(tmp, final, cloud_module, method, transforms, pixels))
         return problems + chain["problems"]
 
     out = Path(out)

@@ -99,9 +99,10 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
 
 
-def export_dynamic_batch(module: Any, example: Any, input_name: str, output_name: str, opset: int,
-                         what: str) -> tuple[onnx.ModelProto, str]:
-    """Export a one-input/one-output torch module with a dynamic batch axis; returns (model, exporter used).
+def export_dynamic_batch(module: Any, examples: tuple[Any, ...], input_names: list[str], output_names: list[str],
+                         opset: int, what: str) -> tuple[onnx.ModelProto, str]:
+    """Export a torch module (positional tensor inputs -> tensor or tuple of tensors) with a dynamic batch axis on
+    every input and output; returns (model, exporter used).
 
     torch.onnx's dynamo exporter (needs onnxscript) first, the TorchScript exporter (opset 17) as the fallback for
     modules dynamo cannot trace; if both fail, one ExportError names `what` and carries both reasons.
@@ -115,22 +116,22 @@ def export_dynamic_batch(module: Any, example: Any, input_name: str, output_name
     try:
         import onnxscript  # noqa: F401  (the dynamo exporter's dependency; fail over cleanly without it)
 
+        batch = torch.export.Dim("batch", min=1, max=65536)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                module, (example,), None, dynamo=True, input_names=[input_name], output_names=[output_name],
-                dynamic_shapes={input_name: {0: torch.export.Dim("batch", min=1, max=65536)}}, opset_version=opset,
-                verbose=False)
+                module, tuple(examples), None, dynamo=True, input_names=input_names, output_names=output_names,
+                dynamic_shapes=tuple({0: batch} for _ in examples), opset_version=opset, verbose=False)
         return program.model_proto, "dynamo"
     except Exception as exc:  # any exporter failure: try the other exporter, report both if it fails too
         errors.append(f"dynamo: {_first_line(exc)}")
     try:
         buf = io.BytesIO()
+        axes = {name: {0: "batch"} for name in [*input_names, *output_names]}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, (example,), buf, dynamo=False, input_names=[input_name],
-                              output_names=[output_name], dynamic_axes={input_name: {0: "batch"},
-                                                                        output_name: {0: "batch"}}, opset_version=17)
+            torch.onnx.export(module, tuple(examples), buf, dynamo=False, input_names=input_names,
+                              output_names=output_names, dynamic_axes=axes, opset_version=17)
         return onnx.load_from_string(buf.getvalue()), "torchscript"
     except Exception as exc:
         errors.append(f"torchscript: {_first_line(exc)}")

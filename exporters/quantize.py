@@ -28,21 +28,12 @@ from mist_kit.calibration.node_errors import NodeError, node_error_table
 from mist_kit.calibration.reader import FeatureReader
 from mist_kit.errors import ExportError
 from mist_kit.exporters.onnx_utils import INT8_COMPUTE_OPS, int8_op_counts, op_counts, ort_session
+from mist_kit.runtime.bundle import Head
 from mist_kit.runtime.edge_session import one_row_at_a_time
+from mist_kit.runtime.metrics import agreement, sqnr_db, top1_known
 
 Log = Callable[[str], None]
 Batches = Iterable[dict[str, np.ndarray]]
-
-
-@dataclass
-class Head:
-    """The numpy classifier applied after the edge graph (weight [C,E], bias [C])."""
-
-    weight: np.ndarray
-    bias: np.ndarray
-
-    def logits(self, emb: np.ndarray) -> np.ndarray:
-        return emb @ self.weight.T + self.bias  # (B, C)
 
 
 @dataclass
@@ -138,20 +129,20 @@ def runtime_ops(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def embeddings(session: Any, batches: Batches, limit: int | None = None, per_row: bool = False) -> np.ndarray:
-    """Run an edge session over batches (first input gets the batch) and stack the embeddings.
+    """Run an edge session over batches ({input name: array}, every graph input) and stack the embeddings.
 
     `per_row` runs one row per call: dynamic int8 takes its activation scales from the whole input tensor, so a
     batched run would score each image with its batch mates' ranges, not as the device (which runs dynamic
     graphs row by row, see runtime.edge_session) will.
     """
-    name = session.get_inputs()[0].name
+    names = [i.name for i in session.get_inputs()]
 
     def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
         return session.run(None, feeds)[0]
 
     out, seen = [], 0
     for batch in batches:
-        feeds = {name: next(iter(batch.values()))}
+        feeds = {name: batch[name] for name in names}
         out.append(one_row_at_a_time(run, feeds) if per_row else run(feeds))
         seen += len(out[-1])
         if limit is not None and seen >= limit:
@@ -159,37 +150,27 @@ def embeddings(session: Any, batches: Batches, limit: int | None = None, per_row
     return np.concatenate(out)
 
 
-def latency_ms(session: Any, sample: np.ndarray, repeats: int = 20) -> float:
+def latency_ms(session: Any, sample: dict[str, np.ndarray], repeats: int = 20) -> float:
     """Median per-image latency at batch 1 (one intra-op thread, as a small device runs it)."""
-    name = session.get_inputs()[0].name
-    x = sample[:1]
-    session.run(None, {name: x})
+    x = {i.name: sample[i.name][:1] for i in session.get_inputs()}
+    session.run(None, x)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        session.run(None, {name: x})
+        session.run(None, x)
         times.append(time.perf_counter() - t)
     return float(np.median(times) * 1000.0)
 
 
-def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
-    """10 log10(signal power / error power); capped at 100 dB for exact matches."""
-    noise = float(np.sum((ref.astype(np.float64) - got) ** 2))
-    signal = float(np.sum(ref.astype(np.float64) ** 2))
-    return 100.0 if noise <= signal * 1e-10 else float(10.0 * np.log10(signal / max(noise, 1e-30)))
-
-
 def measure(model: onnx.ModelProto, spec: QuantSpec, ref_emb: np.ndarray, held_out: Batches, head: Head,
-            labels: np.ndarray | None, sample: np.ndarray) -> Measurement:
+            labels: np.ndarray | None, sample: dict[str, np.ndarray]) -> Measurement:
     """Agreement / top-1 / SQNR / latency of `model` vs the fp32 embeddings `ref_emb` of the same batches."""
     session = ort_session(model.SerializeToString())
     emb = embeddings(session, held_out, per_row=spec.mode is QuantMode.DYNAMIC)
     ref_pred = head.logits(ref_emb).argmax(1)
     pred = head.logits(emb).argmax(1)
-    known = labels is not None and (labels >= 0).any()
-    top1_fp32 = float((ref_pred[labels >= 0] == labels[labels >= 0]).mean()) if known else None  # type: ignore
-    top1_int8 = float((pred[labels >= 0] == labels[labels >= 0]).mean()) if known else None  # type: ignore
-    return Measurement(spec, float((pred == ref_pred).mean()), top1_fp32, top1_int8, sqnr_db(ref_emb, emb),
+    return Measurement(spec, agreement(pred, ref_pred), top1_known(ref_pred, labels), top1_known(pred, labels),
+                       sqnr_db(ref_emb, emb),
                        latency_ms(session, sample), int8_op_counts(model), runtime_ops(model), len(emb), model)
 
 
@@ -207,7 +188,7 @@ def quantize_edge(fp32: onnx.ModelProto, specs: list[QuantSpec], calib: Batches,
     """
     ref_session = ort_session(fp32.SerializeToString())
     ref_emb = embeddings(ref_session, held_out)
-    sample = next(iter(next(iter(held_out)).values()))
+    sample = next(iter(held_out))
     candidates = []
     for spec in specs:
         m = measure(quantize(fp32, spec, calib), spec, ref_emb, held_out, head, labels, sample)

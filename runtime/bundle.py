@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from mist_kit.errors import BundleError
-from mist_kit.runtime.manifest import EDGE_FILE, EDGE_FP32_FILE, HEAD_FILE, read_manifest, verify_files
+from mist_kit.runtime.manifest import EDGE_FILE, EDGE_FP32_FILE, HEAD_FILE, manifest_plan, read_manifest, verify_files
+from mist_kit.runtime.plan import CloudPlan
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,9 @@ class EdgeBundle:
         return list(self.manifest["edge"]["inputs"])
 
     @property
-    def feature_shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.manifest["features"]["shape"])
+    def plan(self) -> CloudPlan:
+        """What the cloud sends this device (tensor names, backbone sources, shapes before the codec)."""
+        return manifest_plan(self.manifest)
 
     @property
     def edge_sha256(self) -> str:

@@ -2,7 +2,7 @@
 
 Layout (docs/CONTRACTS.md): one tensor per cloud output, named as in `manifest.cloud.outputs`, batch-first and
 exactly as cloud.onnx emits them; optional `labels` int64 [N] (-1 = unknown); string metadata `format`,
-`model_name`, `codec` (JSON), `outputs` (JSON), `ids` (JSON list of N strings).
+`model_name`, `codec` (JSON: sent tensor name -> codec spec), `outputs` (JSON), `ids` (JSON list of N strings).
 
 Why a hand-rolled reader/writer around the standard format: a Caltech test split is gigabytes of features, and a
 device has ~2 GB. The writer streams batches into a header sized up front (`FeaturesWriter`), the reader reads
@@ -12,6 +12,7 @@ remain plain safetensors: `safetensors.numpy.load_file` opens them. Torch-free.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -24,6 +25,7 @@ import numpy as np
 
 from mist_kit.atomic import atomic_path
 from mist_kit.errors import InputError
+from mist_kit.runtime.manifest import manifest_codecs
 
 FEATURES_FORMAT = "mist-kit/features/1"
 LABELS = "labels"
@@ -64,7 +66,8 @@ def _canon(obj: Any) -> str:
 
 def _metadata(manifest: Mapping[str, Any], ids: Sequence[str]) -> dict[str, str]:
     return {"format": FEATURES_FORMAT, "model_name": str(manifest["model_name"]),
-            "codec": json.dumps(manifest["codec"], sort_keys=True), "outputs": json.dumps(_expected_outputs(manifest)),
+            "codec": json.dumps(manifest_codecs(manifest), sort_keys=True),
+            "outputs": json.dumps(_expected_outputs(manifest)),
             "ids": json.dumps(list(ids))}
 
 
@@ -291,11 +294,14 @@ def read_features(path: str | os.PathLike[str], manifest: Mapping[str, Any] | No
 def _check_against_manifest(path: Path, meta: Mapping[str, str], outputs: list[dict[str, Any]],
                             codec: dict[str, Any], manifest: Mapping[str, Any]) -> None:
     """One line that says the file belongs to another bundle, and how it differs."""
-    want_codec, want_outputs = manifest["codec"], _expected_outputs(manifest)
+    want_codec, want_outputs = manifest_codecs(manifest), _expected_outputs(manifest)
     hint = "features were extracted with another bundle; re-run `mist-kit extract` with this one"
     if _canon(codec) != _canon(want_codec):
-        raise FeaturesError(f"{path}: codec {codec.get('name')!r} {_canon(codec)} does not match the bundle's "
-                            f"{want_codec.get('name')!r} {_canon(want_codec)} ({hint})")
+        def label(c: Mapping[str, Any]) -> str:
+            names = ", ".join(f"{t}: {v.get('name', 'fp32') if isinstance(v, dict) else v}" for t, v in c.items())
+            return f"{names} (calibration {hashlib.sha256(_canon(c).encode()).hexdigest()[:8]})"
+
+        raise FeaturesError(f"{path}: codecs {label(codec)} do not match the bundle's {label(want_codec)} ({hint})")
     got = [(o.get("name"), o.get("dtype"), list(o.get("shape", []))[1:]) for o in outputs]
     want = [(o["name"], o["dtype"], list(o["shape"])[1:]) for o in want_outputs]
     if got != want:

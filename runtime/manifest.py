@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from mist_kit.errors import BundleError
+from mist_kit.runtime.plan import CloudPlan
 
-BUNDLE_SCHEMA = "mist-kit/bundle/1"
+BUNDLE_SCHEMA = "mist-kit/bundle/2"
+OLD_SCHEMAS = ("mist-kit/bundle/1",)  # one gather, one codec: refused with a re-export hint (see docs/CONTRACTS.md)
 MANIFEST_FILE = "manifest.json"
 CLOUD_FILE = "cloud.onnx"
 EDGE_FILE = "edge.onnx"
@@ -23,8 +25,8 @@ HEAD_FILE = "head.safetensors"
 DEPLOY_DIR = "deploy"
 
 # Top-level fields every manifest has (see exporters/bundle.py for how each is filled).
-REQUIRED_FIELDS = ("schema", "mist_kit_version", "model_name", "backbone", "k", "input", "features", "codec",
-                   "cloud", "edge", "head", "classes", "files", "parity")
+REQUIRED_FIELDS = ("schema", "mist_kit_version", "model_name", "backbone", "method", "input", "cloud", "edge", "head",
+                   "classes", "files", "parity")
 INPUT_FIELDS = ("size", "mean", "std", "layout", "resize")
 
 
@@ -62,6 +64,9 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
         raise BundleError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{path}: expected a JSON object")
+    if manifest.get("schema") in OLD_SCHEMAS:
+        raise BundleError(f"{path}: bundle format {manifest['schema']!r} was written by mist-kit 0.1; this version "
+                          f"reads {BUNDLE_SCHEMA!r}: re-export it (mist-kit export CHECKPOINT --out DIR)")
     if manifest.get("schema") != BUNDLE_SCHEMA:
         raise BundleError(f"{path}: schema {manifest.get('schema')!r}, expected {BUNDLE_SCHEMA!r}")
     for key in REQUIRED_FIELDS:
@@ -72,7 +77,29 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
             raise BundleError(f"{path}: missing field 'input.{key}'")
     if not isinstance(manifest["files"], dict) or not manifest["files"]:
         raise BundleError(f"{path}: field 'files' must list the bundle's files")
+    if not isinstance(manifest["cloud"], dict) or "plan" not in manifest["cloud"]:
+        raise BundleError(f"{path}: missing field 'cloud.plan'")
+    manifest_plan(manifest, str(path))  # a malformed plan is one line naming its field
     return manifest
+
+
+def manifest_plan(manifest: dict[str, Any], where: str = MANIFEST_FILE) -> CloudPlan:
+    """The bundle's cloud plan (which tensors the cloud sends, from which backbone source)."""
+    return CloudPlan.from_dict(manifest["cloud"]["plan"], f"{where}: cloud.plan")
+
+
+def manifest_codecs(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Sent tensor name -> its codec spec, as recorded in `cloud.plan.tensors[].codec`."""
+    return {row["name"]: dict(row.get("codec") or {"name": "fp32"}) for row in manifest["cloud"]["plan"]["tensors"]}
+
+
+def codec_names(manifest: dict[str, Any]) -> str:
+    """A short label of the codecs a bundle speaks ('int8-channel', or 'a: int8-channel, b: fp32')."""
+    codecs = manifest_codecs(manifest)
+    names = {c.get("name", "fp32") for c in codecs.values()}
+    if len(names) == 1:
+        return names.pop()
+    return ", ".join(f"{t}: {c.get('name', 'fp32')}" for t, c in codecs.items())
 
 
 def verify_files(bundle_dir: str | Path, manifest: dict[str, Any], only: tuple[str, ...] | None = None) -> None:

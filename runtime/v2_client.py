@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 
 from mist_kit.errors import InputError, MistError
+from mist_kit.runtime.manifest import codec_names, manifest_codecs
 from mist_kit.runtime.v2_protocol import (
     HEADER_LENGTH,
     ProtocolError,
@@ -141,8 +142,9 @@ def _check_model(meta: dict[str, Any], manifest: dict[str, Any], url: str) -> No
     if params.get("cloud_sha256") not in (None, sha):
         raise CloudRequestError(f"{url}: serves a cloud graph with sha256 {str(params['cloud_sha256'])[:12]}..., "
                                 f"the bundle's is {str(sha)[:12]}...: export and serve the same bundle")
-    if "codec" in params and params["codec"] != manifest["codec"]:
-        raise CloudRequestError(f"{url}: server codec {params['codec']} differs from the bundle's {manifest['codec']}")
+    if "codecs" in params and params["codecs"] != manifest_codecs(manifest):
+        raise CloudRequestError(f"{url}: the server's codecs ({', '.join(sorted(params['codecs']))}) differ from the "
+                                f"bundle's ({codec_names(manifest)}): export and serve the same bundle")
 
 
 def _image_paths(images: Any) -> list[Path | bytes]:

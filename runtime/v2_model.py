@@ -17,7 +17,7 @@ import numpy as np
 
 from mist_kit.data import decode_image, preprocess
 from mist_kit.errors import BundleError, DataError
-from mist_kit.runtime.manifest import CLOUD_FILE, open_bundle
+from mist_kit.runtime.manifest import CLOUD_FILE, manifest_codecs, open_bundle
 from mist_kit.runtime.v2_protocol import InferRequest, ProtocolError, Tensor, check_tensor, v2_datatype
 
 IMAGE_INPUT = "image"
@@ -113,7 +113,8 @@ class CloudModel:
         return {
             "name": self.name, "versions": [MODEL_VERSION], "platform": "onnxruntime_onnx",
             "inputs": self.input_specs(), "outputs": self.output_specs,
-            "parameters": {"codec": m["codec"], "features": m["features"], "input": m["input"], "k": m["k"],
+            "parameters": {"codecs": manifest_codecs(m), "plan": m["cloud"]["plan"], "input": m["input"],
+                           "k": m.get("k"), "method": m["method"].get("name"),
                            "backbone": m["backbone"].get("name"), "max_batch_size": self.config.max_batch,
                            "cloud_sha256": m["files"].get(cloud_file, {}).get("sha256"),
                            "image_input": {"name": IMAGE_INPUT, "formats": list(IMAGE_FORMATS),

@@ -14,16 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mist_kit.backbone import (
-    GatherModel,
-    _hub_reachable,
-    create_vit,
-    load_backbone,
-    load_backbone_for,
-    run_backbone,
-    save_random_backbone,
-)
+from mist_kit.backbone import _hub_reachable, create_vit, load_backbone, load_backbone_for, save_random_backbone
+from mist_kit.backbone_run import CloudModule, run_backbone
 from mist_kit.errors import CheckpointError, DependencyError, UsageError
+from mist_kit.runtime.plan import FINAL_CLS, BackboneShape, CloudPlan, block, gather, normed
 
 
 def _tiny_vit(kind: str) -> torch.nn.Module:
@@ -66,27 +60,41 @@ def test_gather_equals_forward_intermediates_reference(kind: str) -> None:
     n = len(model.blocks)
     with torch.no_grad():
         zs = _reference_tokens(model, x)
-        ours = run_backbone(model, x, ks=tuple(range(n + 1)))
+        ours = run_backbone(model, x, [gather(k) for k in range(n + 1)] + [block(i) for i in range(n + 1)]
+                            + [normed(n - 1)])
     assert zs[0].shape == (3, model.patch_embed.num_patches + model.num_prefix_tokens, model.embed_dim)
     for k in range(n + 1):
         ref = torch.stack(zs[: k + 1]).sum(dim=0)
-        torch.testing.assert_close(ours.gathers[k], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours[f"gather:{k}"], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours[f"block:{k}"], zs[k], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[f"normed:{n - 1}"], model.norm(zs[n - 1]), atol=1e-5, rtol=1e-5)
     # the blocks really add something: g_N is far from z_0 (a gather that ignored blocks would fail above anyway)
-    assert (ours.gathers[n] - zs[0]).abs().max() > 0.1
+    assert (ours[f"gather:{n}"] - zs[0]).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("kind", ["test_vit", "dinov2_reg4_tiny"])
-def test_gather_model_matches_run_backbone(kind: str) -> None:
+def test_cloud_module_matches_run_backbone_and_stops_early(kind: str) -> None:
     model = _tiny_vit(kind)
     size = model.patch_embed.img_size[0]
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        all_k = run_backbone(model, x, ks=(1, 3))
-        for k in (1, 3):
-            torch.testing.assert_close(GatherModel(model, k)(x), all_k.gathers[k], atol=1e-6, rtol=1e-6)
     n = len(model.blocks)
-    with pytest.raises(UsageError, match=rf"k={n + 1} is outside 0\.\.{n}"):
-        GatherModel(model, n + 1)
+    shape = BackboneShape(model.embed_dim, model.patch_embed.num_patches + model.num_prefix_tokens,
+                          model.num_prefix_tokens, n)
+    plan = CloudPlan.build(shape, [("z1", block(1)), ("g3", gather(3))])
+    assert plan.blocks == 3
+    calls: list[int] = []
+    hooks = [b.register_forward_hook(lambda *_a, i=i: calls.append(i)) for i, b in enumerate(model.blocks)]
+    with torch.no_grad():
+        z1, g3 = CloudModule(model, plan)(x)
+    for h in hooks:
+        h.remove()
+    assert calls == [0, 1, 2]  # blocks 4..N never run: the cloud stops at the deepest tensor it sends
+    with torch.no_grad():
+        all_t = run_backbone(model, x, [block(1), gather(3)])
+    torch.testing.assert_close(z1, all_t["block:1"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(g3, all_t["gather:3"], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match=f"has {n} blocks"):
+        CloudPlan.build(shape, [("g", gather(n + 1))])
 
 
 def test_final_embedding_is_timm_pre_logits_not_a_register_token() -> None:
@@ -98,9 +106,10 @@ def test_final_embedding_is_timm_pre_logits_not_a_register_token() -> None:
         reg_only = timm.create_model("test_vit2", img_size=32, num_classes=0).eval()  # 1 register token, no cls
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        torch.testing.assert_close(run_backbone(cls_model, x, ks=(6,)).final_cls, cls_model.forward_features(x)[:, 0])
+        torch.testing.assert_close(run_backbone(cls_model, x, [FINAL_CLS])["final_cls"][:, 0],
+                                   cls_model.forward_features(x)[:, 0])
         feats = reg_only.forward_features(x)  # final-norm tokens (B, 1 + P, D)
-        got = run_backbone(reg_only, x, ks=(8,)).final_cls
+        got = run_backbone(reg_only, x, [FINAL_CLS])["final_cls"][:, 0]
     torch.testing.assert_close(got, reg_only.forward_head(feats, pre_logits=True))
     torch.testing.assert_close(got, reg_only.fc_norm(feats[:, 1:].mean(dim=1)))
     assert not torch.allclose(got, feats[:, 0])
@@ -175,3 +184,30 @@ def test_load_backbone_for_refuses_other_weights(tmp_path: Path, tiny_weights: P
     with pytest.raises(CheckpointError, match="not found"):
         load_backbone_for(spec, tmp_path / "missing.safetensors")
     assert isinstance(load_backbone_for(spec), torch.nn.Module)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("eva02_tiny_patch14_224", {"img_size": 28, "embed_dim": 32, "depth": 2, "num_heads": 2}),
+    ("beit_base_patch16_224", {"img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2}),
+])
+def test_eva_and_beit_gathers_equal_their_own_forward(name: str, kwargs: dict) -> None:
+    """The other families: z_N through our block iteration equals timm's own forward_features before the norm,
+    with every prefix token kept (the same gather semantics as VisionTransformer)."""
+    import timm
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = timm.create_model(name, num_classes=0, **kwargs).eval()
+    x = torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"], generator=torch.Generator().manual_seed(4))
+    n = len(model.blocks)
+    with torch.no_grad():
+        ours = run_backbone(model, x, [block(n), FINAL_CLS])
+        ref = model.forward_features(x)  # final norm applied (Identity when the model pools with fc_norm)
+        torch.testing.assert_close(model.norm(ours[f"block:{n}"]), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours["final_cls"][:, 0], model.forward_head(ref, pre_logits=True), atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_non_vit_backbones_are_refused_before_building() -> None:
+    with pytest.raises(UsageError, match="'resnet18' is not a Vision Transformer"):
+        create_vit("resnet18")

@@ -138,12 +138,18 @@ def _bench_bundle(names: list[str], bundle: str | Path, data: str, on_codec: OnC
     from mist_kit.runtime.codec import create_codec
     from mist_kit.runtime.codec.extract import cloud_batches, cloud_session
     from mist_kit.runtime.edge_session import EdgeSession
+    from mist_kit.runtime.manifest import manifest_codecs
 
     sess, manifest = cloud_session(bundle)
     edge = EdgeSession(open_edge_bundle(bundle))  # verifies edge.onnx + head; runs it as a device does
     images = load_image_list(data)
     log(f"running cloud.onnx over {len(images)} images")
-    base = create_codec(manifest["codec"])
+    codecs = manifest_codecs(manifest)
+    if len(codecs) != 1:
+        raise UsageError(f"{bundle}: the bundle sends {sorted(codecs)}; codec bench compares codecs on one tensor")
+    (tensor, spec), = codecs.items()
+    base = create_codec({**spec, "tensor": tensor}) if spec.get("tokens") else \
+        create_codec({"name": "fp32", "tensor": tensor})
     feats = np.concatenate([base.decode(t) for t in cloud_batches(sess, manifest, list(images.paths))])
     labels = np.asarray(images.labels)
     prefix = int(base.prefix if base.prefix is not None else 1)

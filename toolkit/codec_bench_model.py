@@ -15,29 +15,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from mist_kit.codec_bench import MEASURE_IMAGES, BenchResult, Log, OnCodec, _agreement_row, _fit_all, jpeg_q90_bytes
 from mist_kit.errors import CheckpointError, UsageError
 from mist_kit.runtime.codec.bench import measure
 
 
-def _gathers(config: Any, source: str, k: int, root: Path, backbone: Any, log: Log) -> tuple[np.ndarray, np.ndarray]:
-    """Valid rows of the cached g_k and labels for dataset `source` (cached now if needed)."""
+def _gathers(config: Any, source: str, plan: Any, root: Path, backbone: Any, log: Log
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Valid rows of the plan's one cached tensor and labels for dataset `source` (cached now if needed)."""
     from mist_kit.calibration.features import find_cached_split
     from mist_kit.data import load_image_list
     from mist_kit.featurize import cache_features
 
-    split = find_cached_split(config, source, k, root)
+    split = find_cached_split(config, source, plan, root)
     if split is None:  # a bf16-backbone cache of the same images serves too (~0.3% feature error), said in the log
-        split = find_cached_split(config, source, k, root, precision="bf16")
+        split = find_cached_split(config, source, plan, root, precision="bf16")
         if split is not None:
             log(f"using the bf16-backbone feature cache {split.path} for {source}")
     if split is None:
-        split, _, _ = cache_features(backbone(), config.backbone, load_image_list(source), root, (k,),
+        split, _, _ = cache_features(backbone, config.backbone, load_image_list(source), root, plan.sources,
                                      progress=False, log=log)
     valid = split.valid()
-    return np.asarray(split.gather(k))[valid], np.asarray(split.labels())[valid]
+    return np.asarray(split.array(str(plan.tensors[0].source)))[valid], np.asarray(split.labels())[valid]
 
 
 def bench_checkpoint(names: list[str], checkpoint: str | Path, data: str, cache_dir: Path | None,
@@ -45,16 +45,18 @@ def bench_checkpoint(names: list[str], checkpoint: str | Path, data: str, cache_
                      skip_unfit: bool = False) -> BenchResult:
     """See module docstring; `data` is the labelled evaluation set (e.g. the test split)."""
     from mist_kit.backbone import load_backbone_for
-    from mist_kit.checkpoint import build_method, load_checkpoint, resolve_checkpoint_dir
+    from mist_kit.checkpoint import load_checkpoint, new_method, resolve_checkpoint_dir
     from mist_kit.data import load_image_list
     from mist_kit.runtime.codec import create_codec
     from mist_kit.train import TrainParams, fit, predict_logits
 
     config, model = load_checkpoint(checkpoint)
     k = config.method.k
-    if k is None:
-        raise UsageError(f"checkpoint {checkpoint}: method {config.method.name!r} consumes no gather; codecs "
-                         "apply to gather methods such as mist")
+    plan = model.plan
+    if len(plan.tensors) != 1 or plan.tensors[0].shape[0] < 2:
+        raise UsageError(f"checkpoint {checkpoint}: method {config.method.name!r} sends {list(plan.names)}; codec "
+                         "bench compares codecs on one token tensor (e.g. mist's gather)")
+    tensor = plan.tensors[0].name
     if not config.training.get("train"):
         raise CheckpointError(f"checkpoint {checkpoint}: config.json training.train is missing (needed to "
                               "calibrate codecs and retrain on the training cache)")
@@ -66,16 +68,17 @@ def bench_checkpoint(names: list[str], checkpoint: str | Path, data: str, cache_
             bb_cache["m"] = load_backbone_for(config.backbone, weights)
         return bb_cache["m"]
 
-    x_test, y_test = _gathers(config, data, k, root, backbone, log)
+    x_test, y_test = _gathers(config, data, plan, root, backbone, log)
     train_src, val_src = config.training.get("train"), config.training.get("val")
-    x_tr, y_tr = _gathers(config, train_src, k, root, backbone, log)
-    x_val, y_val = _gathers(config, val_src, k, root, backbone, log) if val_src else (None, None)
+    x_tr, y_tr = _gathers(config, train_src, plan, root, backbone, log)
+    x_val, y_val = _gathers(config, val_src, plan, root, backbone, log) if val_src else (None, None)
     prefix = config.backbone.num_prefix_tokens
     fields = {f.name for f in dataclasses.fields(TrainParams)}
     params = TrainParams(**{key: v for key, v in config.training.items() if key in fields})
     refit = bool(config.training.get("refit"))
-    own = create_codec(config.codec) if config.codec.get("tokens") else None
-    notes = [f"checkpoint {checkpoint} (k={k}, trained for codec {config.codec.get('name', 'fp32')}); "
+    own_spec = config.codecs.get(tensor) or {"name": "fp32"}
+    own = create_codec(own_spec) if own_spec.get("tokens") else None
+    notes = [f"checkpoint {checkpoint} (k={k}, trained for codec {own_spec.get('name', 'fp32')}); "
              f"{len(y_test)} evaluation images from {data}; codecs calibrated on {min(len(x_tr), 256)} training "
              f"gathers; retrained edge networks follow the checkpoint's recipe"
              f"{' (val early stopping, then refit on train + val)' if refit and val_src else ''}"]
@@ -83,11 +86,11 @@ def bench_checkpoint(names: list[str], checkpoint: str | Path, data: str, cache_
     def retrained(codec: Any) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
         tf = None if codec is None or codec.lossless else codec.roundtrip
-        tokens = codec.out_tokens if codec is not None else config.backbone.num_tokens
+        tokens = codec.out_tokens if codec is not None else plan.tensors[0].shape[0]
+
         def fresh() -> Any:
-            with torch.random.fork_rng():
-                torch.manual_seed(params.seed)
-                return build_method(config, num_tokens=tokens)
+            return new_method(config.method.name, config.backbone.shape, k, len(config.classes),
+                              config.method.params, params.seed, {tensor: (tokens, plan.tensors[0].shape[1])})
 
         net = fresh()
         res = fit(net, x_tr, y_tr, params, x_val, y_val, transform=tf)

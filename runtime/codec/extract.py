@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from mist_kit.errors import BundleError
-from mist_kit.runtime.manifest import CLOUD_FILE, open_bundle
+from mist_kit.runtime.manifest import CLOUD_FILE, codec_names, open_bundle
 
 Progress = Callable[[int], None]
 
@@ -81,6 +81,6 @@ def extract(bundle: str | Path, data: str | Path, out: str | Path, batch_size: i
             writer.write(tensors, labels[pos:pos + b])
             pos += b
     per_image = sum(int(np.dtype(o["dtype"]).itemsize * np.prod(o["shape"][1:])) for o in manifest["cloud"]["outputs"])
-    return {"out": str(out), "images": len(ids), "codec": manifest["codec"].get("name"), "bytes_per_image": per_image,
+    return {"out": str(out), "images": len(ids), "codec": codec_names(manifest), "bytes_per_image": per_image,
             "file_bytes": Path(out).stat().st_size, "seconds": round(time.perf_counter() - t0, 3),
             "outputs": manifest["cloud"]["outputs"]}

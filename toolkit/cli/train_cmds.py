@@ -71,7 +71,7 @@ def train(
     from mist_kit.train import TrainParams
 
     method_params: dict = {}
-    if get_edge_method(method).input_kind == "gather":
+    if get_edge_method(method).method_name == "mist":
         method_params = {"rank": rank, "pool": pool, "dropout": dropout}
     k_value: int | None
     if k == "auto":
@@ -141,4 +141,4 @@ def methods() -> None:
 
     for name in list_edge_methods():
         cls = get_edge_method(name)
-        typer.echo(f"{name}\t{cls.input_kind}\t{(cls.__doc__ or '').strip().splitlines()[0]}")
+        typer.echo(f"{name}\t{cls.depth_name}\t{(cls.__doc__ or '').strip().splitlines()[0]}")
