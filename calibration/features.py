@@ -153,9 +153,12 @@ def _take(x: dict[str, np.ndarray], sl: slice) -> dict[str, np.ndarray]:
 
 def _held_out_from(source: str, config: CheckpointConfig, cloud: Any, n: int, rng: np.random.Generator,
                    transforms: Transforms, cache_root: Path | None, log: Log) -> tuple[Batches, np.ndarray, str]:
-    cached = _cached_rows(config, source, cloud.plan, n, rng, transforms, cache_root)
+    plan = cloud.plan if cloud is not None else plan_of(config)
+    cached = _cached_rows(config, source, plan, n, rng, transforms, cache_root)
     if cached is not None:
         return cached[0], cached[1], f"held-out: {len(cached[0])} cached images of {source}"
+    if cloud is None:
+        raise InputError(f"{source}: no feature cache of it for this checkpoint; its images need the backbone")
     images = load_image_list(source)
     rows = np.sort(rng.permutation(len(images))[:n])
     log(f"computing held-out cloud tensors for {len(rows)} images of {source}")
@@ -200,7 +203,7 @@ def real_data(config: CheckpointConfig, cloud: Any, *, calib: str | None, held_o
     torch cloud module). When `held_out` is `calib` itself, the images not used for calibration are held out.
     """
     t = config.training
-    plan = cloud.plan
+    plan = cloud.plan if cloud is not None else plan_of(config)
     source = held_out
     from_calib = source is not None and source == calib
     notes: list[str] = []
@@ -218,6 +221,8 @@ def real_data(config: CheckpointConfig, cloud: Any, *, calib: str | None, held_o
                                  f"data {calib} is not readable here; pass --calib DATA (ImageFolder or list file)")
             log(f"no matching feature cache; computing calibration tensors from the training images {calib}")
     if calib_rows is None:
+        if cloud is None:
+            raise InputError(f"{calib}: no feature cache of it for this checkpoint; its images need the backbone")
         images = load_image_list(calib)
         if len(images) < 2:
             raise InputError(f"{images.source}: --calib needs at least 2 images, found {len(images)}")

@@ -43,8 +43,9 @@ def test_train_with_codec_records_it_and_trains_on_pooled_tokens(codec_checkpoin
 
     config, model = load_checkpoint(codec_checkpoint["checkpoint"])
     assert codec_checkpoint["codec"] == "pool2-int4"
-    assert config.codec["name"] == "pool2-int4" and config.codec["num_tokens"] == 2  # cls + 2x2 grid pooled to 1
-    assert model.num_tokens == 2 and len(config.codec["scale"]) == config.backbone.embed_dim
+    codec = config.codecs["gather"]
+    assert codec["name"] == "pool2-int4" and codec["num_tokens"] == 2  # cls + 2x2 grid pooled to 1
+    assert model.num_tokens == 2 and len(codec["scale"]) == config.backbone.embed_dim
     assert codec_checkpoint["test_top1"] > 0.3  # 10 classes: chance is 0.1
 
 
@@ -56,6 +57,7 @@ def test_train_with_cls_codec_trains_on_the_cls_token_alone(tiny_checkpoint: dic
     from mist_kit.edge.lae import LowRankAttentionEdge
     from mist_kit.errors import UsageError
     from mist_kit.pipeline import TrainRequest, run_training
+    from mist_kit.runtime.plan import BackboneShape
     from mist_kit.train import TrainParams
 
     req = TrainRequest(backbone="test_vit", weights=str(tiny_weights), img_size=32, train=str(digits_lists["train"]),
@@ -64,18 +66,20 @@ def test_train_with_cls_codec_trains_on_the_cls_token_alone(tiny_checkpoint: dic
                        cache_dir=Path(tiny_checkpoint["out"]) / "cache")
     report = run_training(req, log=lambda _m: None, codec={"name": "cls-int8"})
     config, model = load_checkpoint(report["checkpoint"])
-    assert config.codec["name"] == "cls-int8" and config.codec["num_tokens"] == 1 and model.num_tokens == 1
+    codec = config.codecs["gather"]
+    assert codec["name"] == "cls-int8" and codec["num_tokens"] == 1 and model.num_tokens == 1
     with pytest.raises(UsageError, match="retrain"):  # an fp32 checkpoint cannot be exported with it
         fit_for_export(config, "cls-int8")
     with pytest.raises(ValueError, match="pool='cls'"):  # nothing to average without patch tokens
-        LowRankAttentionEdge(embed_dim=8, num_tokens=1, num_prefix_tokens=1, num_classes=3, pool="mean")
+        LowRankAttentionEdge(backbone=BackboneShape(8, 5, 1, 6), depth=2, inputs={"gather": (1, 8)}, num_classes=3,
+                             pool="mean")
     from mist_kit.calibration.modes import Precision
     from mist_kit.exporters.export import export_bundle
     from mist_kit.runtime.manifest import read_manifest
 
     exported = export_bundle(report["checkpoint"], tmp_path / "bundle", quantize=Precision.NONE, log=lambda _m: None)
     assert exported.ok, exported.problems  # the exporter checks the graphs (codec fragments included) against torch
-    assert read_manifest(tmp_path / "bundle")["codec"]["name"] == "cls-int8"
+    assert read_manifest(tmp_path / "bundle")["cloud"]["plan"]["tensors"][0]["codec"]["name"] == "cls-int8"
 
 
 def test_evaluate_applies_the_recorded_codec(codec_checkpoint: dict, digits_lists: dict) -> None:
@@ -151,15 +155,15 @@ def test_export_with_codec_then_extract(int8_bundle: Path, tiny_checkpoint: dict
     from mist_kit.runtime.manifest import read_manifest
 
     manifest = read_manifest(int8_bundle)
-    assert manifest["codec"]["name"] == "int8-channel"
-    assert [o["name"] for o in manifest["cloud"]["outputs"]] == ["features_q"]
+    assert manifest["cloud"]["plan"]["tensors"][0]["codec"]["name"] == "int8-channel"
+    assert [o["name"] for o in manifest["cloud"]["outputs"]] == ["gather_q"]
     out = tmp_path / "f.safetensors"
     report = _json(runner.invoke(app, ["extract", str(int8_bundle), str(digits_lists["test"]), "--out", str(out),
                                        "--json"]))
     assert report["images"] == 797 and report["bytes_per_image"] == 5 * 64
     ff = read_features(out, manifest)
     assert ff.n == 797 and ff.has_labels and ff.tensors[0].dtype == "int8"
-    codec = create_codec(manifest["codec"])
+    codec = create_codec(manifest["cloud"]["plan"]["tensors"][0]["codec"])
     decoded = codec.decode(ff.read(0, 16))
     assert decoded.shape == (16, 5, 64) and np.all(np.isfinite(decoded))
     res = runner.invoke(app, ["extract", str(int8_bundle), str(tmp_path / "nothing"), "--out", str(out)])

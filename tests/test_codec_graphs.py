@@ -56,7 +56,9 @@ def test_graph_equals_reference(name: str, opset: int, data: tuple[np.ndarray, n
             np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))  # float paths match bitwise too
     dec = _session(decoder_model(codec, opset))
     got = dec.run(None, ref)[0]
-    np.testing.assert_allclose(got, codec.decode(ref), rtol=1e-6, atol=1e-6)
+    # PCA's decoder is a MatMul too: MLAS and numpy's BLAS sum the rank in other orders (a few ulps at |x| ~ 1)
+    tol = 1e-5 if codec_params(name).quant is Quant.PCA_INT8 else 1e-6
+    np.testing.assert_allclose(got, codec.decode(ref), rtol=tol, atol=tol)
 
 
 def _toy_cloud(opset: int = 17) -> onnx.ModelProto:

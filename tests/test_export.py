@@ -16,13 +16,14 @@ from mist_kit.runtime.manifest import files_table, open_bundle
 def _torch_top1(checkpoint: str, pixels: np.ndarray) -> np.ndarray:
     import torch
 
-    from mist_kit.backbone import GatherModel, load_backbone_for
+    from mist_kit.backbone import load_backbone_for
+    from mist_kit.backbone_run import CloudModule
     from mist_kit.checkpoint import load_checkpoint
 
     config, method = load_checkpoint(checkpoint)
-    gather = GatherModel(load_backbone_for(config.backbone), config.method.k).eval()
+    cloud = CloudModule(load_backbone_for(config.backbone), method.plan).eval()
     with torch.no_grad():
-        return method(gather(torch.from_numpy(pixels))).numpy().argmax(1)
+        return method(dict(zip(method.plan.names, cloud(torch.from_numpy(pixels)), strict=True))).numpy().argmax(1)
 
 
 def _test_pixels(digits_lists: dict, manifest: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -46,11 +47,11 @@ def test_bundle_files_match_manifest(fixture: str, request: pytest.FixtureReques
         [(e["name"], e["dtype"]) for e in manifest["cloud"]["outputs"]]
     assert manifest["cloud"]["inputs"] == [{"name": "pixel_values", "dtype": "float32", "shape": [-1, 3, 32, 32]}]
     if fixture == "tiny_bundle":  # the export default for an fp32-trained checkpoint: the int8-channel codec
-        assert manifest["codec"]["name"] == "int8-channel"
-        assert manifest["cloud"]["outputs"] == [{"name": "features_q", "dtype": "int8", "shape": [-1, 5, 64]}]
+        assert manifest["cloud"]["plan"]["tensors"][0]["codec"]["name"] == "int8-channel"
+        assert manifest["cloud"]["outputs"] == [{"name": "gather_q", "dtype": "int8", "shape": [-1, 5, 64]}]
     else:
-        assert manifest["codec"]["name"] == "fp32"
-        assert manifest["cloud"]["outputs"] == [{"name": "features", "dtype": "float32", "shape": [-1, 5, 64]}]
+        assert manifest["cloud"]["plan"]["tensors"][0]["codec"]["name"] == "fp32"
+        assert manifest["cloud"]["outputs"] == [{"name": "gather", "dtype": "float32", "shape": [-1, 5, 64]}]
     assert manifest["edge"]["outputs"] == [{"name": "embedding", "dtype": "float32", "shape": [-1, 64]}]
     p = manifest["parity"]
     assert p["cloud_max_abs_err"] < 1e-3 and p["edge_top1_agreement"] >= 0.99 and p["n_eval"] >= 200

@@ -48,14 +48,14 @@ def test_feature_reader_streams_memmap_rows(tmp_path: Path) -> None:
 def edge_data(tiny_bundle_fp32: Path, tiny_checkpoint: dict):
     from mist_kit.calibration.features import held_out_source, real_data
     from mist_kit.checkpoint import load_checkpoint
-    from mist_kit.exporters.quantize import Head
+    from mist_kit.runtime.bundle import Head
 
     config, method = load_checkpoint(tiny_checkpoint["checkpoint"])
     held_out = held_out_source(config, None, None, required=True)
     data = real_data(config, None, calib=None, held_out=held_out, n_calib=128, n_eval=300,
-                     rng=np.random.default_rng(0), transform=None, cache_root=None, log=print)
+                     rng=np.random.default_rng(0), transforms={}, cache_root=None, log=print)
     assert "cached" in data.notes[0] and "cached" in data.notes[1], data.notes  # both from the feature cache
-    head = Head(method.head.weight.detach().numpy(), method.head.bias.detach().numpy())
+    head = Head(method.head.weight.detach().numpy(), method.head.bias.detach().numpy(), tuple(config.classes))
     return onnx.load(str(tiny_bundle_fp32 / "edge.fp32.onnx")), data, head
 
 

@@ -12,9 +12,11 @@ T, D = 5, 8
 
 
 def _manifest(codec: dict | None = None, dtype: str = "int8", model: str = "m") -> dict:
-    return {"model_name": model, "codec": codec or {"name": "int8-channel", "bits": 8},
-            "cloud": {"outputs": [{"name": "q", "dtype": dtype, "shape": [-1, T, D]},
-                                  {"name": "scale", "dtype": "float16", "shape": [-1, T]}]}}
+    plan = {"blocks": 1, "num_blocks": 2, "tensors": [{"name": "x", "source": "gather:1", "shape": [T, D],
+                                                       "codec": codec or {"name": "int8-channel", "bits": 8}}]}
+    return {"model_name": model,
+            "cloud": {"plan": plan, "outputs": [{"name": "q", "dtype": dtype, "shape": [-1, T, D]},
+                                                {"name": "scale", "dtype": "float16", "shape": [-1, T]}]}}
 
 
 def _tensors(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -73,7 +75,7 @@ def test_writer_rejects_wrong_dtype(tmp_path):
 
 
 @pytest.mark.parametrize(("manifest", "message"), [
-    (_manifest(codec={"name": "fp16"}), "codec 'int8-channel'.*bundle's 'fp16'.*another bundle"),
+    (_manifest(codec={"name": "fp16"}), "codecs x: int8-channel .*bundle's x: fp16 .*another bundle"),
     (_manifest(dtype="uint8"), "cloud outputs .* do not match.*another bundle"),
     (_manifest(model="other"), "model 'm', bundle serves 'other'"),
 ])

@@ -12,6 +12,7 @@ import torch
 from mist_kit.edge import create_edge_method
 from mist_kit.errors import UsageError
 from mist_kit.pipeline import TrainRequest, run_training
+from mist_kit.runtime.plan import BackboneShape
 from mist_kit.train import TrainParams, fit, fit_candidates, predict_logits, top1
 
 TOK, DIM, CLASSES = 5, 16, 4
@@ -28,9 +29,7 @@ def _blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _lae(seed: int = 0):
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return create_edge_method("mist", embed_dim=DIM, num_tokens=TOK, num_prefix_tokens=1, num_classes=CLASSES)
+    return create_edge_method("mist", backbone=BackboneShape(DIM, TOK, 1, 6), depth=2, num_classes=CLASSES, seed=seed)
 
 
 def test_fit_learns_and_loss_falls() -> None:

@@ -83,20 +83,21 @@ def plan_tensors(plan: CloudPlan) -> dict[str, str]:
     return {t.name: str(t.source) for t in plan.tensors}
 
 
-def _depths(cls: type[EdgeMethod], shape: Any, req: TrainRequest) -> list[int | None]:
-    """The candidate depths to search, validated before any backbone work."""
-    if req.k is not None:
-        depths: list[int | None] = [req.k]
-    elif req.ks:
-        depths = list(sorted(set(req.ks)))
-    else:
-        depths = list(cls.depth_candidates(shape, req.method_params))
-    for d in depths:
+def _depths(cls: type[EdgeMethod], shape: Any, req: TrainRequest) -> tuple[list[int | None], list[int | None]]:
+    """(depths to train, depths to cache), validated before any backbone work.
+
+    A fixed `--k` trains that depth only, but the cache is filled for every candidate too (the same one pass), so
+    a later `--k auto` or `compare` on the same data needs no backbone pass.
+    """
+    searched = list(sorted(set(req.ks))) if req.ks else list(cls.depth_candidates(shape, req.method_params))
+    depths: list[int | None] = [req.k] if req.k is not None else searched
+    cached = sorted(set(searched) | set(depths), key=lambda d: -1 if d is None else d)
+    for d in cached:
         try:
             cls.check_depth(shape, d)
         except ValueError as exc:
             raise UsageError(f"method {req.method!r}: {exc}") from None
-    return depths
+    return depths, cached
 
 
 def _calibrated_codecs(codec: dict[str, Any] | None, tx: dict[Any, InputRows], prefix: int,
@@ -132,9 +133,9 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
     model_bb, spec = load_backbone(req.backbone, img_size=req.img_size, weights=req.weights,
                                    pretrained=req.pretrained, mean=req.mean, std=req.std)
     shape = spec.shape
-    depths = _depths(cls, shape, req)
+    depths, cached = _depths(cls, shape, req)
     plans = {d: cls.cloud_plan(shape, d, req.method_params) for d in depths}
-    sources = union_sources(list(plans.values()))
+    sources = union_sources([cls.cloud_plan(shape, d, req.method_params) for d in cached])
     cache_root = req.cache_dir or (req.out / "cache")
     splits: dict[str, CachedSplit] = {}
     cache_seconds, skipped = 0.0, 0
