@@ -237,11 +237,12 @@ def attach_encoder(cloud_model: onnx.ModelProto, codec: Codec | dict[str, Any],
     model = _copy_for_codec(cloud_model, "cloud graph", "encoder")
     g = model.graph
     feat = _single(list(g.output), "cloud graph outputs", features_output)
-    keep = [o for o in g.output if o.name != feat]
+    outputs = list(g.output)
+    at = [o.name for o in outputs].index(feat)
     feat = _yield_name(g, feat, codec, "_raw")  # e.g. fp16 also names its output `features`
-    f, _ = encoder_fragment(codec, feat, opset=_opset(cloud_model))
+    f, _ = encoder_fragment(codec, feat, prefix=f"codec_enc/{codec.tensor}/", opset=_opset(cloud_model))
     del g.output[:]
-    g.output.extend(keep + _value_infos(codec))
+    g.output.extend(outputs[:at] + _value_infos(codec) + outputs[at + 1:])  # encoded tensors where the raw one was
     g.node.extend(f.nodes)
     g.initializer.extend(f.inits)
     return model
@@ -257,11 +258,12 @@ def attach_decoder(edge_model: onnx.ModelProto, codec: Codec | dict[str, Any],
     g = model.graph
     init_names = {i.name for i in g.initializer}
     feat = _single([i for i in g.input if i.name not in init_names], "edge graph inputs", features_input)
-    keep = [i for i in g.input if i.name != feat]
+    inputs = list(g.input)
+    at = [i.name for i in inputs].index(feat)
     feat = _yield_name(g, feat, codec, "_decoded")  # the encoded input takes the name; the core reads the decoded
-    f = decoder_fragment(codec, feat)
+    f = decoder_fragment(codec, feat, prefix=f"codec_dec/{codec.tensor}/")  # one namespace per sent tensor
     del g.input[:]
-    g.input.extend(_value_infos(codec) + keep)
+    g.input.extend(inputs[:at] + _value_infos(codec) + inputs[at + 1:])  # in place: the plan's order is kept
     nodes = list(f.nodes) + list(g.node)  # decoder first: keeps the node list topologically sorted
     del g.node[:]
     g.node.extend(nodes)

@@ -92,7 +92,9 @@ def test_failed_validation_leaves_previous_bundle(tmp_path: Path, tiny_bundle: P
     from mist_kit.exporters.bundle import Artifacts, ValidationFailed, write_bundle
 
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    method = create_edge_method("mist", embed_dim=64, num_tokens=5, num_prefix_tokens=1, num_classes=10)
+    from mist_kit.runtime.plan import BackboneShape
+
+    method = create_edge_method("mist", backbone=BackboneShape(64, 5, 1, 6), depth=2, num_classes=10)
     art = Artifacts(onnx.load(str(tiny_bundle / "cloud.onnx")), onnx.load(str(tiny_bundle / "edge.fp32.onnx")),
                     onnx.load(str(tiny_bundle / "edge.onnx")), method)
     out = _old_bundle(tmp_path)

@@ -37,7 +37,7 @@ def _real_data(checkpoint: Path | str, eval_data: str | None = None, need_held_o
     config, _ = load_checkpoint(checkpoint)
     held_out = held_out_source(config, None, eval_data, required=need_held_out)
     return config, real_data(config, None, calib=None, held_out=held_out, n_calib=64, n_eval=1000,
-                             rng=np.random.default_rng(0), transform=None, cache_root=None, log=lambda _m: None)
+                             rng=np.random.default_rng(0), transforms={}, cache_root=None, log=lambda _m: None)
 
 
 def test_plain_checkpoint_holds_out_its_val_split(tiny_checkpoint: dict, digits_lists: dict) -> None:

@@ -130,7 +130,8 @@ def _features_like(manifest: dict, path: Path, **changes) -> Path:
     other = json.loads(json.dumps(manifest))
     out = other["cloud"]["outputs"][0]
     out["shape"] = [-1, *changes.get("shape", out["shape"][1:])]
-    other["codec"] = changes.get("codec", other["codec"])
+    if "codec" in changes:
+        other["cloud"]["plan"]["tensors"][0]["codec"] = changes["codec"]
     rng = np.random.default_rng(0)
     tensors = {o["name"]: rng.standard_normal((3, *o["shape"][1:])).astype(o["dtype"])
                for o in other["cloud"]["outputs"]}

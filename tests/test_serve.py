@@ -93,8 +93,8 @@ def test_tritonclient_metadata(url: str, manifest: dict) -> None:
     assert meta["name"] == name
     assert {i["name"]: i["datatype"] for i in meta["inputs"]} == {"image": "BYTES", "pixel_values": "FP32"}
     assert [o["name"] for o in meta["outputs"]] == [o["name"] for o in manifest["cloud"]["outputs"]]
-    assert meta["parameters"]["codec"] == manifest["codec"]
-    assert meta["parameters"]["features"]["shape"] == manifest["features"]["shape"]
+    assert meta["parameters"]["codecs"] == {t["name"]: t["codec"] for t in manifest["cloud"]["plan"]["tensors"]}
+    assert meta["parameters"]["plan"] == manifest["cloud"]["plan"]
 
 
 def test_tritonclient_infer_binary_outputs_equal_cloud_onnx(url: str, model: CloudModel, images: list[bytes]) -> None:
