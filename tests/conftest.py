@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 import two_tensor_method  # noqa: F401  (registers the two-tensor test method for every test)
 
 TINY_BACKBONE = "test_vit"  # timm's registered tiny ViT: width 64, 6 blocks

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from two_tensor_method import NAME
 from typer.testing import CliRunner
 
 from mist_kit.cli.app import app
 from mist_kit.errors import BundleError
 from mist_kit.runtime.plan import FINAL_CLS, BackboneShape, CloudPlan, TensorSource, block, gather
-from two_tensor_method import NAME
 
 runner = CliRunner()
 
