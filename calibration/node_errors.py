@@ -58,7 +58,8 @@ def _rows(batches: Iterable[dict[str, np.ndarray]], rows: int) -> Iterable[dict[
 def node_error_table(fp32: onnx.ModelProto, quant: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]],
                      spec: QuantSpec, rows: int = 4) -> list[NodeError]:
     """Rank the fp32 graph's nodes of `spec.op_types` by SQNR lost across the node (worst first)."""
-    from mist_kit.exporters.onnx_utils import ort_session
+    from mist_kit.runtime.metrics import sqnr_from_powers
+    from mist_kit.runtime.ort_session import cpu_session as ort_session
 
     inits = {i.name for i in fp32.graph.initializer} | {i.name for i in fp32.graph.input}  # never exposed
     nodes = [n for n in fp32.graph.node if n.op_type in spec.op_types]
@@ -82,11 +83,7 @@ def node_error_table(fp32: onnx.ModelProto, quant: onnx.ModelProto, batches: Ite
             noise[t] += float(np.sum((r - got[t]) ** 2))
 
     def db(t: str) -> float:
-        if t not in signal:
-            return EXACT_DB
-        if noise[t] <= signal[t] * 1e-10:
-            return EXACT_DB
-        return float(10 * np.log10(max(signal[t], 1e-30) / noise[t]))
+        return sqnr_from_powers(signal[t], noise[t]) if t in signal else EXACT_DB
 
     quantized_nodes = set(spec.op_types)
     table = []

@@ -13,7 +13,7 @@ from typing import Any
 import onnx
 
 from mist_kit.atomic import atomic_path
-from mist_kit.errors import DependencyError, ExportError
+from mist_kit.errors import ExportError
 
 INT8_OPS = frozenset({"QLinearMatMul", "QLinearConv", "QLinearAdd", "QLinearMul", "MatMulInteger",
                       "ConvInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",
@@ -83,16 +83,9 @@ def set_batch_dim(model: onnx.ModelProto, name: str = "batch") -> onnx.ModelProt
 
 def ort_session(path: Path | bytes, threads: int = 1) -> Any:
     """A CPU onnxruntime session (one intra-op thread unless asked: reproducible and fair to shared hosts)."""
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:  # pragma: no cover - core dependency
-        raise DependencyError(f"onnxruntime is not installed ({exc})") from None
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    src = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+    from mist_kit.runtime.ort_session import cpu_session
+
+    return cpu_session(path, threads)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -14,7 +14,6 @@ import contextlib
 import io
 import logging
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from mist_kit.errors import ExportError
 from mist_kit.exporters.onnx_utils import INT8_COMPUTE_OPS, int8_op_counts, op_counts, ort_session
 from mist_kit.runtime.bundle import Head
 from mist_kit.runtime.edge_session import one_row_at_a_time
-from mist_kit.runtime.metrics import agreement, sqnr_db, top1_known
+from mist_kit.runtime.metrics import agreement, median_ms, sqnr_db, top1_known
 
 Log = Callable[[str], None]
 Batches = Iterable[dict[str, np.ndarray]]
@@ -116,15 +115,12 @@ def _quiet_root_logger() -> Iterator[None]:
 
 def runtime_ops(model: onnx.ModelProto) -> dict[str, int]:
     """Op counts of the graph onnxruntime executes after its fusions (QDQ pairs become QLinear*/MatMulInteger)."""
-    import onnxruntime as ort
+    from mist_kit.runtime.ort_session import cpu_session
 
     with tempfile.TemporaryDirectory(prefix="mist-opt-") as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
-        opts.log_severity_level = 3
-        ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-        counts = op_counts(onnx.load_model(opts.optimized_model_filepath))
+        optimized = str(Path(tmp) / "opt.onnx")
+        cpu_session(model.SerializeToString(), 1, optimization="extended", optimized_model_path=optimized)
+        counts = op_counts(onnx.load_model(optimized))
     return {k: v for k, v in counts.items() if k in INT8_COMPUTE_OPS}
 
 
@@ -153,13 +149,7 @@ def embeddings(session: Any, batches: Batches, limit: int | None = None, per_row
 def latency_ms(session: Any, sample: dict[str, np.ndarray], repeats: int = 20) -> float:
     """Median per-image latency at batch 1 (one intra-op thread, as a small device runs it)."""
     x = {i.name: sample[i.name][:1] for i in session.get_inputs()}
-    session.run(None, x)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        session.run(None, x)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1000.0)
+    return median_ms(lambda: session.run(None, x), repeats)
 
 
 def measure(model: onnx.ModelProto, spec: QuantSpec, ref_emb: np.ndarray, held_out: Batches, head: Head,

@@ -178,17 +178,16 @@ def run_rows(interp: Any, rows: Iterable[np.ndarray]) -> np.ndarray:
 
 def latency_ms(interp: Any, row: np.ndarray, repeats: int = 50) -> float:
     """Median per-image latency at batch 1 (the interpreter's thread count)."""
+    from mist_kit.runtime.metrics import median_ms
+
     inp, out = interp.get_input_details()[0]["index"], interp.get_output_details()[0]["index"]
-    interp.set_tensor(inp, row)
-    interp.invoke()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+
+    def once() -> None:
         interp.set_tensor(inp, row)
         interp.invoke()
         interp.get_tensor(out)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1000.0)
+
+    return median_ms(once, repeats)
 
 
 COMPUTE_OPS = ("FULLY_CONNECTED", "BATCH_MATMUL", "CONV_2D", "DEPTHWISE_CONV_2D")
@@ -228,7 +227,7 @@ def validate(model: bytes, method: Any, tokens: int, dim: int, held_out: Batches
     """Run `model` with ai-edge-litert on the held-out gathers and compare with the fp32 torch edge network."""
     import torch
 
-    from mist_kit.exporters.quantize import sqnr_db
+    from mist_kit.runtime.metrics import sqnr_db, top1_known
 
     decoder = decoder or _Decoder(None)
     interp = interpreter(model, threads=1)
@@ -245,9 +244,9 @@ def validate(model: bytes, method: Any, tokens: int, dim: int, held_out: Batches
     ref_pred, pred = head.logits(ref).argmax(1), head.logits(emb).argmax(1)
     agreement = float((pred == ref_pred).mean())
     lab = None if labels is None else np.asarray(labels)[:len(rows)]
-    known = lab is not None and len(lab) == len(rows) and bool((lab >= 0).any())
-    top1_fp32 = float((ref_pred[lab >= 0] == lab[lab >= 0]).mean()) if known else None  # type: ignore[index]
-    top1_int8 = float((pred[lab >= 0] == lab[lab >= 0]).mean()) if known else None  # type: ignore[index]
+    if lab is not None and len(lab) != len(rows):
+        lab = None
+    top1_fp32, top1_int8 = top1_known(ref_pred, lab), top1_known(pred, lab)
     all_ops, int8_ops = op_summary(model)
     report = {"bytes": len(model), "batch": BATCH, "quantizer": "litert-torch PT2E (int8 per-channel weights, "
               "static int8 activations)", "agreement": agreement, "top1_fp32": top1_fp32, "top1_int8": top1_int8,

@@ -92,27 +92,14 @@ class EdgeSession:
         self._run = self._litert_runner() if use_litert else self._ort_runner()
 
     def _ort_runner(self) -> Any:
-        import onnxruntime as ort
 
-        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.settings.threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.enable_cpu_mem_arena = self.settings.cpu_mem_arena
-        opts.enable_mem_pattern = self.settings.cpu_mem_arena
-        opts.graph_optimization_level = levels[self.settings.graph_optimization]
-        opts.log_severity_level = 3
-        if self.settings.threads == 1:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        from mist_kit.runtime.ort_session import cpu_session
+
         try:
-            # onnxruntime print()s "EP Error ... Falling back" and retries on failure: keep stdout (--json) clean
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                sess = ort.InferenceSession(str(self.bundle.edge_path), sess_options=opts,
-                                            providers=["CPUExecutionProvider"])
+            with contextlib.redirect_stderr(io.StringIO()):
+                sess = cpu_session(self.bundle.edge_path, self.settings.threads,
+                                   optimization=self.settings.graph_optimization,
+                                   mem_arena=self.settings.cpu_mem_arena)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             if looks_like_oom(exc):
                 raise  # a memory cap was hit (threads or buffers could not be mapped): the caller reports it

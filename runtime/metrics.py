@@ -5,6 +5,9 @@ One definition each, so an export's parity report, `run-edge` and the benchmarks
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import numpy as np
 
 SQNR_CAP_DB = 100.0  # an exact match reports this instead of infinity
@@ -26,11 +29,28 @@ def agreement(pred_a: np.ndarray, pred_b: np.ndarray) -> float:
     return float((np.asarray(pred_a) == np.asarray(pred_b)).mean()) if len(pred_a) else 1.0
 
 
+def sqnr_from_powers(signal: float, noise: float) -> float:
+    """10 log10(signal / noise) in dB, SQNR_CAP_DB when the noise is negligible (below 1e-10 of the signal)."""
+    if noise <= signal * 1e-10:
+        return SQNR_CAP_DB
+    return min(SQNR_CAP_DB, float(10.0 * np.log10(max(signal, 1e-30) / max(noise, 1e-30))))
+
+
 def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
     """10 log10(signal power / error power) of `got` against `ref`, capped at SQNR_CAP_DB for exact matches."""
     ref64 = np.asarray(ref, dtype=np.float64)
     noise = float(np.sum((ref64 - np.asarray(got, dtype=np.float64)) ** 2))
-    signal = float(np.sum(ref64 ** 2))
-    if noise <= signal * 1e-10:
-        return SQNR_CAP_DB
-    return min(SQNR_CAP_DB, float(10.0 * np.log10(max(signal, 1e-30) / max(noise, 1e-30))))
+    return sqnr_from_powers(float(np.sum(ref64 ** 2)), noise)
+
+
+def median_ms(run: Callable[[], object], repeats: int = 20, warmup: int = 1) -> float:
+    """Median wall milliseconds of `run()` over `repeats` calls after `warmup` untimed ones (first-call
+    allocations and kernel selection are not per-image cost)."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1000.0)

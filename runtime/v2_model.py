@@ -8,7 +8,6 @@ JPEG sent to the server becomes exactly the tensor `extract` would have computed
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 from mist_kit.data import decode_image, preprocess
 from mist_kit.errors import BundleError, DataError
 from mist_kit.runtime.manifest import CLOUD_FILE, manifest_codecs, open_bundle
+from mist_kit.runtime.ort_session import cpu_session
 from mist_kit.runtime.v2_protocol import InferRequest, ProtocolError, Tensor, check_tensor, v2_datatype
 
 IMAGE_INPUT = "image"
@@ -66,7 +66,6 @@ class CloudModel:
     """cloud.onnx of a verified bundle in an onnxruntime session, plus what the v2 endpoints report about it."""
 
     def __init__(self, bundle_dir: str | Path, config: ServeConfig | None = None) -> None:
-        import onnxruntime as ort
 
         self.config = config or ServeConfig()
         self.bundle_dir = Path(bundle_dir)
@@ -81,12 +80,9 @@ class CloudModel:
             raise BundleError(f"{bundle_dir}: cloud inputs {[s['name'] for s in pixel_specs]}, expected "
                               f"['{PIXELS_INPUT}'] (docs/CONTRACTS.md)")
         self.pixel_spec = pixel_specs[0]
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.config.threads or (os.cpu_count() or 1)
-        opts.inter_op_num_threads = 1
         path = self.bundle_dir / m["cloud"].get("file", CLOUD_FILE)
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            self.session = cpu_session(path, self.config.threads or 0)
         except Exception as exc:
             raise BundleError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:300]})") from None
         self._check_session()

@@ -22,15 +22,12 @@ Progress = Callable[[int], None]
 
 def cloud_session(bundle: str | Path, threads: int = 0) -> tuple[Any, dict[str, Any]]:
     """A verified bundle's manifest and an onnxruntime session over its cloud.onnx."""
-    import onnxruntime as ort
+    from mist_kit.runtime.ort_session import cpu_session
 
     manifest = open_bundle(bundle, only=(CLOUD_FILE,))
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
     path = Path(bundle) / CLOUD_FILE
     try:
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        sess = cpu_session(path, threads)
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
         raise BundleError(f"{path}: onnxruntime cannot load the cloud graph ({str(exc)[:160]})") from None
     return sess, manifest

@@ -67,7 +67,7 @@ def check_cmd(bundle: Annotated[Path, typer.Argument(help="Bundle directory (mis
     Exit code 1 when the bundle does not fit.
     """
     from mist_kit.devices import get_device
-    from mist_kit.devices.budget import check_bundle
+    from mist_kit.runtime.device_check import check_bundle
 
     profile = get_device(device, memory)
     report = check_bundle(bundle, profile, batch=batch, measure=not no_measure)
