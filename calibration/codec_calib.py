@@ -59,7 +59,9 @@ def fit_for_inputs(name: str, rows: InputRows, num_prefix_tokens: int,
     """Codec `name` calibrated separately for every sent tensor of one candidate: each has its own ranges."""
     idx = evenly_spaced(len(rows), max_images)
     batch = rows.batch(idx)
-    return {tensor: fit_codec(name, batch[tensor], num_prefix_tokens, tensor=tensor) for tensor in rows.names}
+    # a one-token tensor (the final cls) has no prefix/patch split: all of it is "patches" to the codec
+    return {tensor: fit_codec(name, batch[tensor], min(num_prefix_tokens, batch[tensor].shape[1] - 1), tensor=tensor)
+            for tensor in rows.names}
 
 
 def fit_for_candidates(name: str, train_x: Mapping[Hashable, InputRows], num_prefix_tokens: int,

@@ -64,8 +64,7 @@ class TrainRequest:
         if self.weights is not None and self.pretrained:
             raise UsageError("cannot use both --weights and --pretrained; pick one weight source")
         cls = get_edge_method(self.method)
-        if self.k is None and self.val is None and (self.ks is None or len(self.ks) > 1) and \
-                cls.depth_candidates.__func__ is not EdgeMethod.depth_candidates.__func__:  # type: ignore[attr-defined]
+        if self.k is None and self.val is None and (self.ks is None or len(self.ks) > 1) and cls.searches_depth():
             raise UsageError(f"--k auto chooses {cls.depth_name} on validation data: pass --val DATA, or fix it "
                              "with --k INT")
         if self.refit and self.val is None:

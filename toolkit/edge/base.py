@@ -47,6 +47,11 @@ class EdgeMethod(nn.Module):
         return (None,)
 
     @classmethod
+    def searches_depth(cls) -> bool:
+        """Whether `--k auto` has anything to choose for this method (it declares depth candidates)."""
+        return cls.depth_candidates.__func__ is not EdgeMethod.depth_candidates.__func__  # type: ignore[attr-defined]
+
+    @classmethod
     def check_depth(cls, backbone: BackboneShape, depth: int | None) -> None:
         """Raise ValueError when `depth` is not valid for this backbone (fast, before any backbone work)."""
         if depth is not None:
