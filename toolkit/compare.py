@@ -266,6 +266,9 @@ def run_compare(req: CompareRequest, log: Log = print) -> CompareResult:
     except KeyboardInterrupt:
         interrupted = True
         log(f"interrupted: {len(rows)} finished rows kept in {rows_path}; rerun the same command to resume")
+    for row in rows:  # kept rows are judged against this run's device and limits, not the ones they ran under
+        if not row.get("error"):
+            row["fits"], row["why_not"] = _verdict(row, profile, req)
     images = load_image_list(req.val)
     size = req.img_size or int(next((r["input_size"] for r in rows if r.get("input_size")), 224))
     jpeg = jpeg_q90_bytes(list(images.paths), size)

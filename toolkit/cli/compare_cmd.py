@@ -107,6 +107,5 @@ def compare(
     if result.best is None:
         ok = [r for r in result.rows if not r.get("error")]
         why = "; ".join(sorted({str(r["why_not"]) for r in ok if r.get("why_not")}))[:300] or "every row failed"
-        console.print(f"error: no (method, codec) fits {result.device} and the given limits ({why})",
-                      highlight=False)
+        typer.echo(f"error: no (method, codec) fits {result.device} and the given limits ({why})", err=True)
         raise typer.Exit(1)
