@@ -24,6 +24,7 @@ from typing import Any
 
 from mist_kit import __version__
 from mist_kit.errors import DataError, DependencyError, MistError, UsageError
+from mist_kit.runtime.token_file import read_token_file
 from mist_kit.runtime.v2_batcher import DynamicBatcher, QueueFullError
 from mist_kit.runtime.v2_model import MODEL_VERSION, CloudModel, ServeConfig
 from mist_kit.runtime.v2_protocol import HEADER_LENGTH, ProtocolError, decode_request, encode_response
@@ -50,14 +51,8 @@ class HTTPError(Exception):
 
 
 def read_token(path: str | Path) -> str:
-    """The bearer token from a file (first line, stripped); an empty or unreadable file is a usage error."""
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--token-file {path}: cannot read ({exc})") from None
-    if not token or any(c.isspace() for c in token):
-        raise UsageError(f"--token-file {path}: expected one token without spaces on the first line")
-    return token
+    """The bearer token from a file (first line, stripped); empty, unreadable or group/other-readable is refused."""
+    return read_token_file(path, "--token-file")
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
