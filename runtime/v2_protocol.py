@@ -22,6 +22,7 @@ from mist_kit.errors import InputError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_DIMS = 8
+MAX_DIM = 2**31 - 1  # one dimension; numpy and onnxruntime refuse larger (and no body holds that many elements)
 
 # v2 datatype -> numpy dtype in wire byte order (None: BYTES, variable-length elements).
 DATATYPES: dict[str, np.dtype | None] = {
@@ -150,9 +151,11 @@ def to_binary(tensor: Tensor) -> bytes:
 
 def _shape(raw: Any, where: str) -> tuple[int, ...]:
     if not isinstance(raw, list) or len(raw) > MAX_DIMS or \
-            not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
-        raise ProtocolError(f"{where}: 'shape' must be a list of at most {MAX_DIMS} non-negative integers, "
+            not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in raw):
+        raise ProtocolError(f"{where}: 'shape' must be a list of at most {MAX_DIMS} integers in 0..{MAX_DIM}, "
                             f"got {raw!r}"[:300])
+    if math.prod(raw) > MAX_DIM:
+        raise ProtocolError(f"{where}: shape {raw} has {math.prod(raw)} elements, more than {MAX_DIM}"[:300])
     return tuple(raw)
 
 
@@ -170,7 +173,10 @@ def _from_binary(name: str, datatype: str, shape: tuple[int, ...], buf: memoryvi
 def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
     count = math.prod(shape)
     if datatype == "BYTES":
-        flat = np.asarray(data, dtype=object).reshape(-1) if isinstance(data, list) else None
+        try:
+            flat = np.asarray(data, dtype=object).reshape(-1) if isinstance(data, list) else None
+        except (ValueError, RecursionError):
+            flat = None
         if flat is None or not all(isinstance(x, str) for x in flat):
             raise ProtocolError(f"input '{name}': BYTES data in JSON must be a list of strings "
                                 "(send binary data for raw bytes such as JPEG files)")
@@ -178,7 +184,7 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> n
     else:
         try:
             arr = np.asarray(data, dtype=numpy_dtype(datatype)).reshape(-1)
-        except (ValueError, TypeError, OverflowError):
+        except (ValueError, TypeError, OverflowError, RecursionError):
             raise ProtocolError(f"input '{name}': 'data' is not a (nested) list of {datatype} values") from None
     if arr.size != count:
         raise ProtocolError(f"input '{name}': shape {list(shape)} has {count} elements, 'data' has {arr.size}")
@@ -197,6 +203,8 @@ def _parse_header(body: bytes, header_length: str | int | None) -> tuple[dict[st
             raise ProtocolError(f"{HEADER_LENGTH} {hl} is outside the body's {len(body)} bytes")
     try:
         header = json.loads(body[:hl])
+    except RecursionError:
+        raise ProtocolError("request header nests JSON too deeply") from None
     except (UnicodeDecodeError, ValueError):
         hint = "" if header_length is not None else f" (binary data needs the {HEADER_LENGTH} header)"
         raise ProtocolError(f"request header is not valid JSON{hint}") from None
