@@ -98,6 +98,8 @@ def run_edge_cmd(
     state: Annotated[Path | None, typer.Option("--state", help="Device head state dir (default BUNDLE.heads)")]
     = None,
     show: Annotated[int, typer.Option("--show", help="Predictions to print (text mode)")] = 20,
+    trust: Annotated[Path | None, typer.Option("--trust", help="Publisher's public key: refuse a bundle not signed "
+                                               "with it (export --sign)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout")] = False,
 ) -> None:
     """Run the edge model as DEVICE would (threads, memory cap) on encoded features; print predictions + report."""
@@ -110,6 +112,10 @@ def run_edge_cmd(
     if images is not None and cloud is None:
         raise UsageError("--images goes with --cloud URL (for a features file use --features)")
     token = _resolve_token(token, token_file)
+    if trust is not None:
+        from mist_kit.runtime.signing import verify_signature
+
+        verify_signature(bundle, trust)
     batches = None
     if cloud is not None:
         from mist_kit.runtime.manifest import read_manifest
