@@ -19,7 +19,7 @@ def check_relative(rel: object, where: str) -> str:
     pure = PurePosixPath(rel)
     if pure.is_absolute() or rel.startswith("~") or "\\" in rel or "\0" in rel or ":" in pure.parts[0]:
         raise BundleError(f"{where}: {rel!r} is not a path inside the bundle (absolute paths are refused)"[:200])
-    if any(part in ("..", "") for part in rel.split("/")) or pure.parts[0] == ".":
+    if any(part in ("..", ".", "") for part in rel.split("/")):
         raise BundleError(f"{where}: {rel!r} leaves or obscures the bundle directory ('..', '.', '//' refused)"[:200])
     return rel
 

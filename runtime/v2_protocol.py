@@ -239,7 +239,7 @@ def decode_request(body: bytes, header_length: str | int | None) -> InferRequest
         if any(t.name == name for t in inputs):
             raise ProtocolError(f"request: input '{name}' appears twice")
         datatype = raw.get("datatype")
-        if datatype not in DATATYPES:
+        if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise ProtocolError(f"input '{name}': datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
         shape = _shape(raw.get("shape"), f"input '{name}'")
         size = _params(raw, f"input '{name}'").get("binary_data_size")
@@ -341,13 +341,17 @@ def decode_response(body: bytes, header_length: str | int | None) -> dict[str, n
     result: dict[str, np.ndarray] = {}
     offset = 0
     for raw in raw_outputs:
-        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or raw.get("datatype") not in DATATYPES:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or \
+                not isinstance(raw.get("datatype"), str) or raw["datatype"] not in DATATYPES:
             raise ProtocolError("response: each output needs a string 'name' and a v2 'datatype'")
         name, datatype = raw["name"], raw["datatype"]
         shape = _shape(raw.get("shape"), f"response output '{name}'")
-        size = (raw.get("parameters") or {}).get("binary_data_size")
+        params = raw.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ProtocolError(f"response output '{name}': 'parameters' must be a JSON object")
+        size = params.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(rest):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(rest):
                 raise ProtocolError(f"response output '{name}': binary_data_size {size!r} does not fit the body")
             result[name] = _from_binary(name, datatype, shape, rest[offset:offset + size])
             offset += size
