@@ -47,6 +47,13 @@ def floats(n: int, positive: bool = False) -> Callable[[Any], None]:
     return check
 
 
+def one_of(*choices: str) -> Callable[[Any], None]:
+    def check(v: Any) -> None:
+        if not isinstance(v, str) or v not in choices:
+            raise _Bad(f"expected one of {', '.join(repr(c) for c in choices)} (what the runtime implements)")
+    return check
+
+
 def str_list(v: Any) -> None:
     if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v) or len(set(v)) != len(v):
         raise _Bad("expected a non-empty list of distinct non-empty strings")
@@ -107,10 +114,14 @@ def is_object(v: Any) -> None:
 # (dotted field, required, check). Fields absent from a manifest and not required are skipped.
 RULES: list[tuple[str, bool, Callable[[Any], None]]] = [
     ("model_name", True, non_empty_str),
+    ("mist_kit_version", False, non_empty_str),
+    ("k", False, int_in(0, 4096)),  # bundle format 1; format 2 moves it to cloud.plan.blocks
     ("input", True, is_object),
     ("input.size", True, int_in(16, 4096)),
     ("input.mean", True, floats(3)),
     ("input.std", True, floats(3, positive=True)),
+    ("input.layout", False, one_of("NCHW")),
+    ("input.resize", False, one_of("bicubic")),
     ("classes", True, str_list),
     ("files", True, files_table),
     ("cloud", True, is_object),
@@ -126,6 +137,7 @@ RULES: list[tuple[str, bool, Callable[[Any], None]]] = [
     ("head", True, is_object),
     ("head.file", False, optional_path),
     ("head.embedding_dim", False, int_in(1, 1 << 20)),
+    ("head.num_classes", False, int_in(1, 1 << 20)),
 ]
 
 
@@ -150,6 +162,9 @@ def validate_manifest(manifest: dict[str, Any], path: str | Path) -> None:
             check(value)
         except _Bad as exc:
             raise BundleError(f"{path}: field '{dotted}': {exc}, got {_short(value)}") from None
+    num = _get(manifest, "head.num_classes")
+    if num is not _MISSING and num != len(manifest["classes"]):
+        raise BundleError(f"{path}: field 'head.num_classes': {num}, but 'classes' lists {len(manifest['classes'])}")
 
 
 def _short(value: Any) -> str:

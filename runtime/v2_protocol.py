@@ -152,8 +152,8 @@ def to_binary(tensor: Tensor) -> bytes:
 def _shape(raw: Any, where: str) -> tuple[int, ...]:
     if not isinstance(raw, list) or len(raw) > MAX_DIMS or \
             not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in raw):
-        raise ProtocolError(f"{where}: 'shape' must be a list of at most {MAX_DIMS} integers in 0..{MAX_DIM}, "
-                            f"got {raw!r}"[:300])
+        raise ProtocolError(f"{where}: 'shape' must be a list of at most {MAX_DIMS} non-negative integers "
+                            f"<= {MAX_DIM}, got {raw!r}"[:300])
     if math.prod(raw) > MAX_DIM:
         raise ProtocolError(f"{where}: shape {raw} has {math.prod(raw)} elements, more than {MAX_DIM}"[:300])
     return tuple(raw)
