@@ -34,6 +34,7 @@ from mist_kit.runtime.manifest import (
     files_table,
 )
 from mist_kit.runtime.plan import CloudPlan
+from mist_kit.runtime.signing import write_manifest_digest
 
 
 @dataclass
@@ -117,6 +118,7 @@ def write_bundle(out: str | Path, art: Artifacts, manifest: dict[str, Any],
         if problems:
             raise ValidationFailed(problems)
         write_json(tmp / MANIFEST_FILE, final)
+        write_manifest_digest(tmp)  # manifest.sha256: the manifest is covered by a digest of its own
         _readable(tmp)
     return final
 

@@ -146,11 +146,14 @@ def finetune_edge(bundle: PathLike, features: PathLike, *, device: str | DeviceP
                   params: HeadTrainParams | None = None, new_classes: tuple[str, ...] = (),
                   eval_features: PathLike | None = None, state_dir: PathLike | None = None,
                   memory_mb: int | None = None, memory_cap_mb: int | None = None, batch: int = 32,
-                  threads: int | None = None, apply_caps: bool = True, save: bool = True) -> dict[str, Any]:
+                  threads: int | None = None, apply_caps: bool = True, save: bool = True,
+                  force: bool = False) -> dict[str, Any]:
     """Embed the labelled samples with the int8 edge graph, train the head in numpy, save it as a new version.
 
     Top-1 before/after is reported on the held-out part (and on `eval_features` when given). The new head is
-    written only after training succeeded (atomic, versioned; `rollback_head` undoes it).
+    written only after training succeeded (atomic, versioned; `rollback_head` undoes it). Non-finite embeddings
+    are refused before training. A head worse than the current one on the held-out split is stored but not
+    activated unless `force` (`activated` / `activation` in the report say which and why).
     """
     profile = _profile(device, memory_mb)
     edge_bundle = open_edge_bundle(bundle, variant="int8")
@@ -168,6 +171,10 @@ def finetune_edge(bundle: PathLike, features: PathLike, *, device: str | DeviceP
             embed_s = time.perf_counter() - t0
             if len(y) == 0:
                 raise InputError(f"{features}: no labelled samples (labels missing or all -1); nothing written")
+            bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+            if len(bad):
+                raise InputError(f"{features}: {len(bad)} labelled samples embed to non-finite values (first "
+                                 f"rows {bad[:5].tolist()}); degenerate input, nothing written")
             t0 = time.perf_counter()
             result = train_head(x, y, head, params, new_classes)
             train_s = time.perf_counter() - t0
@@ -186,11 +193,26 @@ def finetune_edge(bundle: PathLike, features: PathLike, *, device: str | DeviceP
         "from_version": head.version, **session.describe(), "emulation": emu.note(),
         "memory_cap_mb": emu.memory_cap_mb}
     if save:
-        report["head_version"] = store.save(result.head, {k: report[k] for k in ("top1_before", "top1_after",
-                                                                                 "labelled", "epochs_run")})
+        activate, why = activation_decision(result.val_top1_before, result.val_top1_after, force)
+        version = store.save(result.head, {k: report[k] for k in ("top1_before", "top1_after", "labelled",
+                                                                  "epochs_run")}, activate=activate)
+        report["head_version"] = version if activate else head.version
+        report.update(stored_version=version, activated=activate,
+                      activation=why if activate else f"not activated: {why}; stored as version {version}")
         report["state_dir"] = str(store.dir)
     report["peak_rss_mb"] = peak_rss_mb()
     return report
+
+
+def activation_decision(before: float | None, after: float | None, force: bool) -> tuple[bool, str]:
+    """(activate?, why): a head worse than the current one on the held-out split waits for --force."""
+    if before is None or after is None:
+        return True, "activated (no held-out split to compare on: fewer than 10 labelled samples or --val-fraction 0)"
+    if after >= before:
+        return True, f"activated (held-out top-1 {before:.4f} -> {after:.4f})"
+    if force:
+        return True, f"activated by --force although held-out top-1 dropped {before:.4f} -> {after:.4f}"
+    return False, f"held-out top-1 {after:.4f} is below the current head's {before:.4f} (use --force to activate)"
 
 
 def rollback_head(bundle: PathLike, state_dir: PathLike | None = None) -> dict[str, Any]:

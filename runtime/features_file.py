@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator, Mapping, Sequence
@@ -68,7 +69,7 @@ def _metadata(manifest: Mapping[str, Any], ids: Sequence[str]) -> dict[str, str]
     return {"format": FEATURES_FORMAT, "model_name": str(manifest["model_name"]),
             "codec": json.dumps(manifest_codecs(manifest), sort_keys=True),
             "outputs": json.dumps(_expected_outputs(manifest)),
-            "ids": json.dumps(list(ids))}
+            "ids": json.dumps([str(i) for i in ids])}
 
 
 class FeaturesWriter:
@@ -170,6 +171,7 @@ class FeaturesFile:
     labels: np.ndarray | None  # int64 [N], -1 = unknown
     ids: tuple[str, ...]
     metadata: dict[str, str]
+    allow_non_finite: bool = False
 
     @property
     def has_labels(self) -> bool:
@@ -186,8 +188,20 @@ class FeaturesFile:
                 buf = fh.read(count * info.row_bytes)
                 if len(buf) != count * info.row_bytes:
                     raise FeaturesError(f"{self.path}: truncated while reading {info.name!r}")
-                out[info.name] = np.frombuffer(buf, dtype=info.dtype).reshape(count, *info.shape[1:]).copy()
+                arr = np.frombuffer(buf, dtype=info.dtype).reshape(count, *info.shape[1:]).copy()
+                if not self.allow_non_finite and arr.dtype.kind == "f":
+                    self._check_finite(info.name, arr, start)
+                out[info.name] = arr
         return out
+
+    def _check_finite(self, name: str, arr: np.ndarray, start: int) -> None:
+        bad = np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1))
+        if len(bad):
+            rows = (bad[:5] + start).tolist()
+            ids = [self.ids[r] for r in rows]
+            more = f" and {len(bad) - 5} more in this batch" if len(bad) > 5 else ""
+            raise FeaturesError(f"{self.path}: tensor {name!r} holds NaN/Inf in rows {rows}{more} (ids {ids}); "
+                                "refusing non-finite features (re-extract them)")
 
     def batches(self, batch_size: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """Yield (start index, tensors) for consecutive batches."""
@@ -213,15 +227,19 @@ def _parse_header(path: Path) -> tuple[dict[str, Any], int, int]:
         raise FeaturesError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise FeaturesError(f"{path}: header is not valid safetensors JSON (corrupt or not a features file)") from None
     if not isinstance(header, dict):
         raise FeaturesError(f"{path}: header is not a JSON object (not a safetensors file)")
     return header, 8 + hlen, size
 
 
-def read_features(path: str | os.PathLike[str], manifest: Mapping[str, Any] | None = None) -> FeaturesFile:
+def read_features(path: str | os.PathLike[str], manifest: Mapping[str, Any] | None = None,
+                  allow_non_finite: bool = False) -> FeaturesFile:
     """Open and validate a features file; with `manifest`, also check it was made for that bundle.
+
+    NaN/Inf in float tensors are refused when the rows are read (one line naming the rows), unless
+    `allow_non_finite`: a head trained on them, or predictions from them, are garbage that looks like a result.
 
     Every problem is one FeaturesError line naming the file and the expectation: not safetensors, truncated,
     wrong format tag, another codec / model / output layout (= extracted with another bundle), tensor
@@ -232,36 +250,32 @@ def read_features(path: str | os.PathLike[str], manifest: Mapping[str, Any] | No
         raise FeaturesError(f"{path}: no such features file (write one with `mist-kit extract BUNDLE DATA --out F`)")
     header, data_start, size = _parse_header(path)
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FeaturesError(f"{path}: __metadata__ must map names to strings (safetensors)")
     if meta.get("format") != FEATURES_FORMAT:
         raise FeaturesError(f"{path}: metadata format {meta.get('format')!r}, expected {FEATURES_FORMAT!r} "
                             "(write features with `mist-kit extract`)")
     try:
         outputs = json.loads(meta["outputs"])
         codec = json.loads(meta["codec"])
-        ids = tuple(str(i) for i in json.loads(meta["ids"]))
+        raw_ids = json.loads(meta["ids"])
         if "model_name" not in meta:
             raise KeyError("model_name")
     except KeyError as exc:
         raise FeaturesError(f"{path}: metadata field {exc.args[0]!r} missing") from None
-    except (json.JSONDecodeError, TypeError):
+    except (json.JSONDecodeError, TypeError, RecursionError):
         raise FeaturesError(f"{path}: metadata outputs/codec/ids are not valid JSON") from None
+    if not isinstance(raw_ids, list) or not all(isinstance(i, str) for i in raw_ids):
+        raise FeaturesError(f"{path}: metadata 'ids' must be a JSON list of strings")
+    ids = tuple(raw_ids)
+    if not isinstance(codec, dict) or not isinstance(outputs, list) or not all(
+            isinstance(o, dict) and isinstance(o.get("name"), str) and isinstance(o.get("dtype"), str)
+            and _is_shape(o.get("shape"), allow_batch=True) for o in outputs):
+        raise FeaturesError(f"{path}: metadata 'outputs' must be a list of {{name, dtype, shape}} and 'codec' an "
+                            "object")
     if manifest is not None:
         _check_against_manifest(path, meta, outputs, codec, manifest)
-    infos: dict[str, TensorInfo] = {}
-    end = data_start
-    for name, entry in header.items():
-        try:
-            dtype = _ST_TO_NP[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, stop = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise FeaturesError(f"{path}: tensor {name!r} has a malformed or unsupported header entry") from None
-        if stop - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
-            raise FeaturesError(f"{path}: tensor {name!r} byte range does not match its shape {list(shape)}")
-        infos[name] = TensorInfo(name, dtype, shape, data_start + begin, stop - begin)
-        end = max(end, data_start + stop)
-    if size < end:
-        raise FeaturesError(f"{path}: {size} bytes, header needs {end} (truncated; re-run `mist-kit extract`)")
+    infos = _tensor_infos(path, header, data_start, size)
     cloud = []
     for out in outputs:
         name = out["name"]
@@ -285,10 +299,60 @@ def read_features(path: str | os.PathLike[str], manifest: Mapping[str, Any] | No
         with open(path, "rb") as fh:
             fh.seek(info.offset)
             labels = np.frombuffer(fh.read(info.nbytes), dtype=np.int64).copy()
+        if len(labels) and labels.min() < -1:
+            rows = np.flatnonzero(labels < -1)[:5].tolist()
+            raise FeaturesError(f"{path}: labels must be class indices or -1 (unknown); rows {rows} hold "
+                                f"{labels[rows].tolist()}")
     extra = set(infos) - {o["name"] for o in outputs} - {LABELS}
     if extra:
         raise FeaturesError(f"{path}: unexpected tensors {sorted(extra)} (expected cloud outputs and 'labels')")
-    return FeaturesFile(path=path, n=n, tensors=tuple(cloud), labels=labels, ids=ids, metadata=dict(meta))
+    return FeaturesFile(path=path, n=n, tensors=tuple(cloud), labels=labels, ids=ids, metadata=dict(meta),
+                        allow_non_finite=allow_non_finite)
+
+
+def _is_shape(raw: Any, allow_batch: bool = False) -> bool:
+    """A list of non-negative ints (not bools); with `allow_batch` the first may be -1 (any batch)."""
+    return isinstance(raw, list) and len(raw) <= 16 and all(
+        isinstance(d, int) and not isinstance(d, bool) and (d >= 0 or (allow_batch and i == 0 and d == -1))
+        for i, d in enumerate(raw))
+
+
+def _tensor_infos(path: Path, header: dict[str, Any], data_start: int, size: int) -> dict[str, TensorInfo]:
+    """Every tensor entry checked: known dtype, integer shape, and data_offsets that tile the data exactly.
+
+    safetensors requires the byte ranges to be in range, ordered, non-overlapping and to cover the data area
+    with no gap: a range pointing into the header or at another tensor would read the wrong bytes as features.
+    """
+    infos: dict[str, TensorInfo] = {}
+    ranges = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or entry["dtype"] not in _ST_TO_NP \
+                or not _is_shape(entry.get("shape")):
+            raise FeaturesError(f"{path}: tensor {name!r} has a malformed or unsupported header entry (dtype one of "
+                                f"{sorted(_ST_TO_NP)}, shape a list of non-negative integers)")
+        offsets = entry.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and
+                all(isinstance(x, int) and not isinstance(x, bool) for x in offsets)):
+            raise FeaturesError(f"{path}: tensor {name!r}: data_offsets must be [begin, end] integers")
+        dtype, shape = _ST_TO_NP[entry["dtype"]], tuple(entry["shape"])
+        begin, stop = offsets
+        if not 0 <= begin <= stop <= size - data_start:
+            raise FeaturesError(f"{path}: tensor {name!r}: data_offsets {offsets} outside the data area of "
+                                f"{size - data_start} bytes (truncated or corrupt)")
+        if stop - begin != math.prod(shape) * np.dtype(dtype).itemsize:
+            raise FeaturesError(f"{path}: tensor {name!r} byte range does not match its shape {list(shape)}")
+        infos[name] = TensorInfo(name, dtype, shape, data_start + begin, stop - begin)
+        ranges.append((begin, stop, name))
+    pos = 0
+    for begin, stop, name in sorted(ranges):
+        if begin != pos:
+            what = "overlaps the previous tensor" if begin < pos else f"leaves a gap of {begin - pos} bytes"
+            raise FeaturesError(f"{path}: tensor {name!r}: data_offsets [{begin}, {stop}] {what} (corrupt)")
+        pos = stop
+    if pos != size - data_start:
+        raise FeaturesError(f"{path}: tensors cover {pos} of the {size - data_start} data bytes (truncated, padded "
+                            "or corrupt; re-run `mist-kit extract`)")
+    return infos
 
 
 def _check_against_manifest(path: Path, meta: Mapping[str, str], outputs: list[dict[str, Any]],

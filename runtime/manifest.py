@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from mist_kit.errors import BundleError
+from mist_kit.runtime.manifest_schema import validate_manifest
+from mist_kit.runtime.paths import confined
 from mist_kit.runtime.plan import CloudPlan
+from mist_kit.runtime.signing import DIGEST_FILE, SIGNATURE_FILE, check_manifest_digest
 
 BUNDLE_SCHEMA = "mist-kit/bundle/2"
 OLD_SCHEMAS = ("mist-kit/bundle/1",)  # one gather, one codec: refused with a re-export hint (see docs/CONTRACTS.md)
@@ -40,12 +43,13 @@ def sha256_file(path: str | Path) -> str:
 
 
 def files_table(bundle_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """{relative posix path: {sha256, bytes}} for every file under `bundle_dir` except the manifest itself."""
+    """{relative posix path: {sha256, bytes}} for every file under `bundle_dir` except the manifest, its digest
+    and its signature."""
     root = Path(bundle_dir)
     table = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
-        if rel != MANIFEST_FILE:
+        if rel not in (MANIFEST_FILE, DIGEST_FILE, SIGNATURE_FILE):  # these cover the manifest, not the reverse
             table[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     return table
 
@@ -59,19 +63,24 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise BundleError(f"{path}: missing; is {root} a bundle written by `mist-kit export`?")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        manifest = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise BundleError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{path}: expected a JSON object")
     if manifest.get("schema") in OLD_SCHEMAS:
         raise BundleError(f"{path}: bundle format {manifest['schema']!r} was written by mist-kit 0.1; this version "
                           f"reads {BUNDLE_SCHEMA!r}: re-export it (mist-kit export CHECKPOINT --out DIR)")
+    check_manifest_digest(root, raw, required=True)  # every format-2 bundle has manifest.sha256
     if manifest.get("schema") != BUNDLE_SCHEMA:
         raise BundleError(f"{path}: schema {manifest.get('schema')!r}, expected {BUNDLE_SCHEMA!r}")
     for key in REQUIRED_FIELDS:
         if key not in manifest:
             raise BundleError(f"{path}: missing field '{key}'")
+    validate_manifest(manifest, path)
     for key in INPUT_FIELDS:
         if key not in manifest["input"]:
             raise BundleError(f"{path}: missing field 'input.{key}'")
@@ -108,7 +117,7 @@ def verify_files(bundle_dir: str | Path, manifest: dict[str, Any], only: tuple[s
     for rel, entry in manifest["files"].items():
         if only is not None and rel not in only:
             continue
-        path = root / rel
+        path = confined(root, rel, f"{root / MANIFEST_FILE}: files")
         if not path.is_file():
             raise BundleError(f"{path}: listed in {MANIFEST_FILE} but missing (incomplete bundle)")
         size = path.stat().st_size

@@ -22,6 +22,7 @@ from mist_kit.errors import InputError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_DIMS = 8
+MAX_DIM = 2**31 - 1  # one dimension; numpy and onnxruntime refuse larger (and no body holds that many elements)
 
 # v2 datatype -> numpy dtype in wire byte order (None: BYTES, variable-length elements).
 DATATYPES: dict[str, np.dtype | None] = {
@@ -150,9 +151,11 @@ def to_binary(tensor: Tensor) -> bytes:
 
 def _shape(raw: Any, where: str) -> tuple[int, ...]:
     if not isinstance(raw, list) or len(raw) > MAX_DIMS or \
-            not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
-        raise ProtocolError(f"{where}: 'shape' must be a list of at most {MAX_DIMS} non-negative integers, "
-                            f"got {raw!r}"[:300])
+            not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in raw):
+        raise ProtocolError(f"{where}: 'shape' must be a list of at most {MAX_DIMS} non-negative integers "
+                            f"<= {MAX_DIM}, got {raw!r}"[:300])
+    if math.prod(raw) > MAX_DIM:
+        raise ProtocolError(f"{where}: shape {raw} has {math.prod(raw)} elements, more than {MAX_DIM}"[:300])
     return tuple(raw)
 
 
@@ -170,7 +173,10 @@ def _from_binary(name: str, datatype: str, shape: tuple[int, ...], buf: memoryvi
 def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
     count = math.prod(shape)
     if datatype == "BYTES":
-        flat = np.asarray(data, dtype=object).reshape(-1) if isinstance(data, list) else None
+        try:
+            flat = np.asarray(data, dtype=object).reshape(-1) if isinstance(data, list) else None
+        except (ValueError, RecursionError):
+            flat = None
         if flat is None or not all(isinstance(x, str) for x in flat):
             raise ProtocolError(f"input '{name}': BYTES data in JSON must be a list of strings "
                                 "(send binary data for raw bytes such as JPEG files)")
@@ -178,7 +184,7 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> n
     else:
         try:
             arr = np.asarray(data, dtype=numpy_dtype(datatype)).reshape(-1)
-        except (ValueError, TypeError, OverflowError):
+        except (ValueError, TypeError, OverflowError, RecursionError):
             raise ProtocolError(f"input '{name}': 'data' is not a (nested) list of {datatype} values") from None
     if arr.size != count:
         raise ProtocolError(f"input '{name}': shape {list(shape)} has {count} elements, 'data' has {arr.size}")
@@ -197,6 +203,8 @@ def _parse_header(body: bytes, header_length: str | int | None) -> tuple[dict[st
             raise ProtocolError(f"{HEADER_LENGTH} {hl} is outside the body's {len(body)} bytes")
     try:
         header = json.loads(body[:hl])
+    except RecursionError:
+        raise ProtocolError("request header nests JSON too deeply") from None
     except (UnicodeDecodeError, ValueError):
         hint = "" if header_length is not None else f" (binary data needs the {HEADER_LENGTH} header)"
         raise ProtocolError(f"request header is not valid JSON{hint}") from None
@@ -231,7 +239,7 @@ def decode_request(body: bytes, header_length: str | int | None) -> InferRequest
         if any(t.name == name for t in inputs):
             raise ProtocolError(f"request: input '{name}' appears twice")
         datatype = raw.get("datatype")
-        if datatype not in DATATYPES:
+        if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise ProtocolError(f"input '{name}': datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
         shape = _shape(raw.get("shape"), f"input '{name}'")
         size = _params(raw, f"input '{name}'").get("binary_data_size")
@@ -333,13 +341,17 @@ def decode_response(body: bytes, header_length: str | int | None) -> dict[str, n
     result: dict[str, np.ndarray] = {}
     offset = 0
     for raw in raw_outputs:
-        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or raw.get("datatype") not in DATATYPES:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or \
+                not isinstance(raw.get("datatype"), str) or raw["datatype"] not in DATATYPES:
             raise ProtocolError("response: each output needs a string 'name' and a v2 'datatype'")
         name, datatype = raw["name"], raw["datatype"]
         shape = _shape(raw.get("shape"), f"response output '{name}'")
-        size = (raw.get("parameters") or {}).get("binary_data_size")
+        params = raw.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ProtocolError(f"response output '{name}': 'parameters' must be a JSON object")
+        size = params.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(rest):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(rest):
                 raise ProtocolError(f"response output '{name}': binary_data_size {size!r} does not fit the body")
             result[name] = _from_binary(name, datatype, shape, rest[offset:offset + size])
             offset += size

@@ -5,6 +5,11 @@ A thin layer, not the KServe SDK: its ModelServer re-decodes binary BYTES inputs
 are decoded in a worker pool, and concurrent requests share onnxruntime calls (v2_batcher). Every failure is a
 JSON `{"error": ...}` with a 4xx/5xx status; nothing a client sends can stop the server. fastapi/uvicorn are the
 `serve` extra and are imported only by this module.
+
+Slow clients: a connection must finish its request headers within `header_timeout_s` (closed otherwise; uvicorn
+has no such deadline, so `_DeadlineH11` adds one) and its body within `body_timeout_s` (408). A request takes an
+admission slot (--max-queue + --max-batch) only once its body is in memory, so clients that stall mid-body
+cannot starve the model; they hold one of `max_readers` reader slots instead, each for at most the body deadline.
 """
 
 from __future__ import annotations
@@ -19,26 +24,89 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mist_kit import __version__
 from mist_kit.errors import DataError, DependencyError, MistError, UsageError
+from mist_kit.runtime.token_file import read_token_file
 from mist_kit.runtime.v2_batcher import DynamicBatcher, QueueFullError
 from mist_kit.runtime.v2_model import MODEL_VERSION, CloudModel, ServeConfig
 from mist_kit.runtime.v2_protocol import HEADER_LENGTH, ProtocolError, decode_request, encode_response
 
 try:
+    import h11
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
     from starlette.requests import ClientDisconnect  # fastapi's own request layer
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 except ImportError as _exc:  # pragma: no cover - depends on the install
     raise DependencyError(f"serve-cloud needs the 'serve' extra (pip install 'mist-kit[serve]'): {_exc}") from None
 
 log = logging.getLogger("mist_kit.serve")
 SERVER_NAME = "mist-kit"
 EXTENSIONS = ["binary_tensor_data"]
+HEADER_TIMEOUT_S = 10.0  # request line + headers, from connection (or end of the previous response)
+BODY_TIMEOUT_S = 30.0  # whole request body, once the headers are in
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Slow-client limits: header and body read deadlines, and how many bodies may be read at once."""
+
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    body_timeout_s: float = BODY_TIMEOUT_S
+    max_readers: int | None = None  # default: 4 x (--max-queue + --max-batch)
+
+    def __post_init__(self) -> None:
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0 or (self.max_readers or 1) < 1:
+            raise UsageError("--header-timeout-s and --body-timeout-s must be > 0, max_readers >= 1")
+
+
+class _DeadlineH11(H11Protocol):
+    """uvicorn's h11 protocol plus a request-header deadline: a connection that has not completed its request
+    line and headers `header_timeout_s` after connecting (or after its previous response) is closed.
+
+    Keep-alive alone does not cover this: uvicorn cancels the keep-alive timer on the first byte received."""
+
+    header_timeout_s = HEADER_TIMEOUT_S
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        if getattr(self, "_header_timer", None) is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_deadline)
+
+    def _disarm_header_timer(self) -> None:
+        if getattr(self, "_header_timer", None) is not None:
+            self._header_timer.cancel()  # type: ignore[union-attr]
+            self._header_timer = None
+
+    def _header_deadline(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            log.info("closing a connection that sent no complete request headers within %g s",
+                     self.header_timeout_s)
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # headers complete: the body deadline takes over
+            self._disarm_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
 
 
 class HTTPError(Exception):
@@ -50,14 +118,8 @@ class HTTPError(Exception):
 
 
 def read_token(path: str | Path) -> str:
-    """The bearer token from a file (first line, stripped); an empty or unreadable file is a usage error."""
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--token-file {path}: cannot read ({exc})") from None
-    if not token or any(c.isspace() for c in token):
-        raise UsageError(f"--token-file {path}: expected one token without spaces on the first line")
-    return token
+    """The bearer token from a file (first line, stripped); empty, unreadable or group/other-readable is refused."""
+    return read_token_file(path, "--token-file")
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -95,15 +157,18 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return body
 
 
-def create_app(model: CloudModel, token: str | None = None) -> FastAPI:
+def create_app(model: CloudModel, token: str | None = None, deadlines: Deadlines | None = None) -> FastAPI:
     """The ASGI app for one model; `token` (if set) is required as `Authorization: Bearer <token>`."""
     cfg = model.config
+    deadlines = deadlines or Deadlines()
     decode_pool = ThreadPoolExecutor(max(2, cfg.threads or 2), thread_name_prefix="mist-decode")
     model_pool = ThreadPoolExecutor(1, thread_name_prefix="mist-ort")  # ORT parallelises inside one call
-    state: dict[str, Any] = {"ready": False, "inflight": 0}
-    # Admission bound, checked before a body is read: requests being decoded, queued or run. Bounds memory to
-    # about max_inflight x --max-body-mb however many clients connect.
+    state: dict[str, Any] = {"ready": False, "inflight": 0, "reading": 0}
+    # Admission bound, taken once the body is in memory: requests being decoded, queued or run. Bodies being read
+    # have their own bound (max_readers, each held at most body_timeout_s); together they bound memory to about
+    # (max_inflight + max_readers) x --max-body-mb however many clients connect.
     max_inflight = cfg.max_queue + cfg.max_batch
+    max_readers = deadlines.max_readers or 4 * max_inflight
     expected = f"Bearer {token}".encode() if token else None
 
     @asynccontextmanager
@@ -189,12 +254,22 @@ def create_app(model: CloudModel, token: str | None = None) -> FastAPI:
         find_model(name, version)
         if not state["ready"]:
             raise HTTPError(503, "model is loading; retry later", {"Retry-After": "1"})
+        if state["reading"] >= max_readers:
+            raise HTTPError(503, f"server is reading {max_readers} request bodies already; retry later",
+                            {"Retry-After": "1"})
+        state["reading"] += 1
+        try:
+            body = await asyncio.wait_for(_read_body(request, cfg.max_body_bytes), deadlines.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPError(408, f"request body not received within {deadlines.body_timeout_s:g} s",
+                            {"Connection": "close"}) from None
+        finally:
+            state["reading"] -= 1
         if state["inflight"] >= max_inflight:
             raise HTTPError(503, f"server is at its {max_inflight} requests in flight (--max-queue + --max-batch); "
                                  "retry later", {"Retry-After": "1"})
         state["inflight"] += 1
         try:
-            body = await _read_body(request, cfg.max_body_bytes)
             return await asyncio.wait_for(_infer(body, request.headers.get(HEADER_LENGTH)), cfg.timeout_s)
         except asyncio.TimeoutError:
             raise HTTPError(504, f"inference took longer than {cfg.timeout_s:g} s (serve-cloud --timeout-s)") from None
@@ -229,24 +304,28 @@ def create_app(model: CloudModel, token: str | None = None) -> FastAPI:
     return app
 
 
-def _uvicorn_config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn.Config:
+def _uvicorn_config(app: FastAPI, host: str, port: int, log_level: str,
+                    deadlines: Deadlines | None = None) -> uvicorn.Config:
+    deadlines = deadlines or Deadlines()
+    protocol = type("DeadlineH11", (_DeadlineH11,), {"header_timeout_s": deadlines.header_timeout_s})
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
-                          timeout_graceful_shutdown=5, server_header=False)
+                          timeout_graceful_shutdown=5, server_header=False, http=protocol,
+                          timeout_keep_alive=max(1, min(5, int(deadlines.header_timeout_s))))
 
 
 def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          config: ServeConfig | None = None, log_level: str = "info") -> None:
+          config: ServeConfig | None = None, log_level: str = "info", deadlines: Deadlines | None = None) -> None:
     """Load the bundle and serve until interrupted (the CLI entry point)."""
     model = CloudModel(bundle_dir, config)
     # uvicorn re-raises Ctrl+C after its graceful shutdown; for a server that is the normal way to stop (exit 0)
     with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.Server(_uvicorn_config(create_app(model, token), host, port, log_level)).run()
+        uvicorn.Server(_uvicorn_config(create_app(model, token, deadlines), host, port, log_level, deadlines)).run()
 
 
 @contextmanager
 def serve_in_thread(bundle_dir: str | Path | None = None, *, model: CloudModel | None = None,
                     token: str | None = None, config: ServeConfig | None = None, host: str = "127.0.0.1",
-                    startup_timeout_s: float = 60.0) -> Iterator[str]:
+                    startup_timeout_s: float = 60.0, deadlines: Deadlines | None = None) -> Iterator[str]:
     """Serve on a free loopback port in a background thread; yields the base URL, stops on exit.
 
     For the demo, tests and benchmarks: the served path end to end in one process, always shut down.
@@ -255,11 +334,11 @@ def serve_in_thread(bundle_dir: str | Path | None = None, *, model: CloudModel |
         if bundle_dir is None:
             raise UsageError("serve_in_thread needs a bundle directory or a loaded CloudModel")
         model = CloudModel(bundle_dir, config)
-    app = create_app(model, token)
+    app = create_app(model, token, deadlines)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
-    server = uvicorn.Server(_uvicorn_config(app, host, sock.getsockname()[1], "warning"))
+    server = uvicorn.Server(_uvicorn_config(app, host, sock.getsockname()[1], "warning", deadlines))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="mist-kit-serve", daemon=True)
     thread.start()
     try:

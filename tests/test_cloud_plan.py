@@ -148,6 +148,7 @@ def test_format_1_bundle_is_refused_in_one_line(tiny_bundle: Path, tmp_path: Pat
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["schema"] = "mist-kit/bundle/1"
     (bundle / "manifest.json").write_text(json.dumps(manifest))
+    (bundle / "manifest.sha256").unlink()  # format 1 had no manifest digest
     from mist_kit.runtime.manifest import read_manifest
 
     with pytest.raises(BundleError, match="re-export it") as info:

@@ -67,6 +67,7 @@ def test_serve_cloud_command(bundle: Path, tmp_path: Path) -> None:
     """The real command in a subprocess: token file, ready, features equal to cloud.onnx, clean SIGINT stop."""
     token_file = tmp_path / "token"
     token_file.write_text("tok-123\n")
+    token_file.chmod(0o600)  # a token file readable by others is refused
     port = free_port()
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "-c", "from mist_kit.cli.app import main; main()", "serve-cloud", str(bundle),

@@ -75,6 +75,9 @@ def load_checkpoint(path: str | Path) -> tuple[CheckpointConfig, EdgeMethod]:
         state = load_file(str(weights))
     except Exception as exc:
         raise CheckpointError(f"{weights}: corrupt safetensors file ({str(exc)[:120]})") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise CheckpointError(f"{weights}: tensors {bad[:3]} hold NaN/Inf (training diverged or the file is corrupt)")
     model = build_method(config)
     try:
         model.load_state_dict(state, strict=True)

@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "mist_kit.cli.edge_cmds",
     "mist_kit.cli.devices_cmds",
     "mist_kit.cli.compare_cmd",
+    "mist_kit.cli.sign_cmds",
 )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -41,17 +42,23 @@ def cli_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def strict_json(obj: Any) -> Any:
+    """`obj` with numpy values made plain and NaN/Inf floats made null: RFC 8259 has no NaN, and a consumer's
+    parser (jq, JavaScript, Go) rejects Python's bare `NaN`."""
+    if isinstance(obj, dict):
+        return {(k.item() if hasattr(k, "item") else k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return strict_json(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def print_json(obj: Any) -> None:
-    """One JSON object on stdout (numpy scalars converted)."""
-
-    def default(o: Any) -> Any:
-        if hasattr(o, "item"):
-            return o.item()
-        if hasattr(o, "tolist"):
-            return o.tolist()
-        return str(o)
-
-    sys.stdout.write(json.dumps(obj, default=default) + "\n")
+    """One strictly standard JSON object on stdout (numpy converted, NaN/Inf as null, other objects as str)."""
+    sys.stdout.write(json.dumps(strict_json(obj), default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 

@@ -59,6 +59,23 @@ def _print_run(report: dict[str, Any], show: int) -> None:
             typer.echo(f"{key:16s} {report[key]}")
 
 
+def _resolve_token(token: str | None, token_file: Path | None) -> str | None:
+    """--token-file, else $MIST_KIT_TOKEN, else --token (with a warning: argv is visible to every local user)."""
+    import os
+
+    from mist_kit.runtime.token_file import TOKEN_ENV, read_token_file
+
+    if token is not None and token_file is not None:
+        raise UsageError("give one of --token and --token-file")
+    if token_file is not None:
+        return read_token_file(token_file)
+    if token is not None:
+        typer.echo("warning: --token puts the token in the process list (`ps`); use --token-file or "
+                   f"${TOKEN_ENV}", err=True)
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
 @cli_errors
 def run_edge_cmd(
     device: Annotated[str, typer.Option("--device", help="Device profile, e.g. rpi4 (see `mist-kit devices list`)")],
@@ -68,8 +85,10 @@ def run_edge_cmd(
     cloud: Annotated[str | None, typer.Option("--cloud", help="Cloud model URL (KServe v2), with --images")] = None,
     images: Annotated[str | None, typer.Option("--images", help="Images (ImageFolder dir or list file) for --cloud")]
     = None,
-    token: Annotated[str | None, typer.Option("--token", envvar="MIST_KIT_TOKEN", help="Bearer token for --cloud")]
-    = None,
+    token: Annotated[str | None, typer.Option("--token", help="Bearer token for --cloud (visible in `ps`: prefer "
+                                              "--token-file or MIST_KIT_TOKEN)")] = None,
+    token_file: Annotated[Path | None, typer.Option("--token-file", help="File holding the bearer token for --cloud "
+                                                    "(mode 600)")] = None,
     batch: Annotated[int, typer.Option("--batch", help="Images per edge call (latency is per call)")] = 1,
     memory: Annotated[int | None, typer.Option("--memory", help="Device RAM in MB (another variant)")] = None,
     memory_cap: Annotated[int | None, typer.Option("--memory-cap", help="Cap in MB (default: the budget)")] = None,
@@ -79,6 +98,8 @@ def run_edge_cmd(
     state: Annotated[Path | None, typer.Option("--state", help="Device head state dir (default BUNDLE.heads)")]
     = None,
     show: Annotated[int, typer.Option("--show", help="Predictions to print (text mode)")] = 20,
+    trust: Annotated[Path | None, typer.Option("--trust", help="Publisher's public key: refuse a bundle not signed "
+                                               "with it (export --sign)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout")] = False,
 ) -> None:
     """Run the edge model as DEVICE would (threads, memory cap) on encoded features; print predictions + report."""
@@ -90,6 +111,11 @@ def run_edge_cmd(
         raise UsageError("--cloud needs --images DATA (an ImageFolder directory or a list file)")
     if images is not None and cloud is None:
         raise UsageError("--images goes with --cloud URL (for a features file use --features)")
+    token = _resolve_token(token, token_file)
+    if trust is not None:
+        from mist_kit.runtime.signing import verify_signature
+
+        verify_signature(bundle, trust)
     batches = None
     if cloud is not None:
         from mist_kit.runtime.manifest import read_manifest
@@ -128,6 +154,8 @@ def finetune_edge_cmd(
     memory_cap: Annotated[int | None, typer.Option("--memory-cap", help="Cap in MB (default: the budget)")] = None,
     no_cap: Annotated[bool, typer.Option("--no-cap", help="Do not apply the memory cap")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Split and shuffling seed")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Activate the new head even if it is worse on the "
+                                        "held-out split than the current one")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout")] = False,
 ) -> None:
     """Fine-tune the head on the device: int8 edge embeddings, numpy training, atomic versioned head update."""
@@ -137,8 +165,8 @@ def finetune_edge_cmd(
 
     get_device(device, memory)  # an unknown device fails before anything else
     if rollback:
-        if features is not None or new_classes:
-            raise UsageError("--rollback takes no --features / --new-classes")
+        if features is not None or new_classes or force:
+            raise UsageError("--rollback takes no --features / --new-classes / --force")
         report = rollback_head(bundle, state)
     else:
         if features is None:
@@ -148,9 +176,12 @@ def finetune_edge_cmd(
                                  val_fraction=val_fraction, patience=patience, seed=seed)
         report = finetune_edge(bundle, features, device=device, params=params, new_classes=names,
                                eval_features=eval_features, state_dir=state, memory_mb=memory,
-                               memory_cap_mb=memory_cap, apply_caps=not no_cap)
+                               memory_cap_mb=memory_cap, apply_caps=not no_cap, force=force)
     if json_out:
         print_json(report)
     else:
         for key, value in report.items():
-            typer.echo(f"{key:18s} {value}")
+            if key not in ("activation", "activated"):
+                typer.echo(f"{key:18s} {value}")
+        if "activation" in report:
+            typer.echo(f"{'activation':18s} {report['activation']}")

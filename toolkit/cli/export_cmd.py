@@ -53,10 +53,16 @@ def export(
     weights: Annotated[Path | None, typer.Option(help="Backbone weights if moved since training")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root (default: the training one)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object")] = False,
+    sign: Annotated[Path | None, typer.Option("--sign", help="Sign the bundle with this ed25519 private key "
+                                              "(`mist-kit keygen`)")] = None,
 ) -> None:
     """Export a checkpoint as a validated split bundle; exits 1 if validation fails (nothing written then)."""
     if not split:
         raise UsageError("--no-split: only the split cloud/edge export exists; drop the flag")
+    if sign is not None:  # a bad key fails before minutes of export work
+        from mist_kit.runtime.signing import check_private_key
+
+        check_private_key(sign)
     from mist_kit.calibration.modes import Precision
     from mist_kit.exporters.export import ExportOptions, export_bundle
 
@@ -65,6 +71,11 @@ def export(
                          calib=calib, eval_data=eval_data, n_calib=n_calib, n_eval=n_eval, tflite=tflite, codec=codec,
                          model_name=model_name, weights=str(weights) if weights else None, cache_dir=cache_dir)
     report = export_bundle(checkpoint, out, opts, log=logger(json_out))
+    if sign is not None and report.ok:
+        from mist_kit.runtime.signing import sign_bundle
+
+        key = sign_bundle(out, sign)
+        logger(json_out)(f"signed {out / 'manifest.json'} with key {key} (manifest.sig)")
     if json_out:
         print_json(report.to_dict())
     else:

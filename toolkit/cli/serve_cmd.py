@@ -27,15 +27,24 @@ def serve_cloud(
     max_body_mb: Annotated[float, typer.Option(help="Request body limit in MiB (413 beyond)")] = 32.0,
     timeout_s: Annotated[float, typer.Option(help="Per-request time limit in seconds (504 beyond)")] = 30.0,
     threads: Annotated[int, typer.Option(min=0, help="onnxruntime threads (0 = all cores)")] = 0,
+    header_timeout_s: Annotated[float, typer.Option(help="Close connections that send no complete request "
+                                                    "headers within this")] = 10.0,
+    body_timeout_s: Annotated[float, typer.Option(help="Request body deadline in seconds (408 beyond)")] = 30.0,
+    trust: Annotated[Path | None, typer.Option(help="Publisher's public key: refuse a bundle not signed with it")
+                     ] = None,
 ) -> None:
     """Serve the bundle's cloud.onnx over the KServe v2 / Open Inference Protocol (binary tensor extension).
 
     Inputs: 'image' (BYTES: encoded JPEG/PNG, preprocessed per the manifest) or 'pixel_values' (FP32 [B,3,H,W]).
     Outputs: the bundle's encoded features. Endpoints: /v2/health/{live,ready}, /v2, /v2/models/NAME[/ready|/infer].
     """
+    from mist_kit.runtime.signing import verify_signature
     from mist_kit.runtime.v2_model import ServeConfig
-    from mist_kit.runtime.v2_server import read_token, serve
+    from mist_kit.runtime.v2_server import Deadlines, read_token, serve
 
+    if trust is not None:
+        verify_signature(bundle, trust)
+    deadlines = Deadlines(header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s)
     config = ServeConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
                          max_body_mb=max_body_mb, timeout_s=timeout_s, threads=threads)
     token = read_token(token_file) if token_file is not None else None
@@ -44,4 +53,4 @@ def serve_cloud(
                       highlight=False, markup=False)
     console.print(f"serve-cloud: {bundle} on http://{host}:{port} (max batch {max_batch}, "
                   f"{'token required' if token else 'no token'})", highlight=False, markup=False)
-    serve(bundle, host=host, port=port, token=token, config=config)
+    serve(bundle, host=host, port=port, token=token, config=config, deadlines=deadlines)
