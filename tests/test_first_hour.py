@@ -53,3 +53,36 @@ def test_feature_reader_feeds_uniform_batches_with_every_row_once() -> None:
     assert {len(b) for b in seen} == {7}  # 245 = 5 * 7 * 7: the largest divisor <= 32
     np.testing.assert_array_equal(np.concatenate(seen), x)
     assert [uniform_batch_size(n, 32) for n in (256, 200, 197, 31, 0, None)] == [32, 25, 1, 31, 1, 1]
+
+
+def _command_paths() -> list[tuple[str, ...]]:
+    """Every command and sub-command of the typer app, walked from click's tree (new commands are covered)."""
+    import typer
+
+    from mist_kit.cli.app import app
+
+    paths: list[tuple[str, ...]] = [()]
+
+    def walk(cmd: object, prefix: tuple[str, ...]) -> None:
+        # duck-typed: typer >= 0.2x vendors click, so isinstance(click.Group) no longer holds
+        for name, sub in (getattr(cmd, "commands", None) or {}).items():
+            paths.append((*prefix, name))
+            walk(sub, (*prefix, name))
+
+    walk(typer.main.get_command(app), ())
+    return paths
+
+
+def test_help_of_every_command_renders() -> None:
+    """`serve-cloud --help` died on rich markup in its docstring ('[/ready|/infer]'); walk them all."""
+    from typer.testing import CliRunner
+
+    from mist_kit.cli.app import app
+
+    paths = _command_paths()
+    assert ("serve-cloud",) in paths and ("codec", "bench") in paths
+    runner = CliRunner()
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output, result.exception)
+        assert "Usage" in result.output, path
