@@ -86,3 +86,122 @@ def test_help_of_every_command_renders() -> None:
         result = runner.invoke(app, [*path, "--help"])
         assert result.exit_code == 0, (path, result.output, result.exception)
         assert "Usage" in result.output, path
+
+
+class _Clock:
+    """A hand-driven monotonic clock (no sleeping, no wall time in the test)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_off_a_terminal_prints_periodic_plain_lines_and_a_final_one() -> None:
+    import io
+
+    from mist_kit.progress import Progress
+
+    out, clock = io.StringIO(), _Clock()
+    with Progress(800, "caching train.txt", stream=out, interval_s=10.0, clock=clock) as bar:
+        for _ in range(25):  # 25 batches of 32 images, 4 s each
+            clock.now += 4.0
+            bar.advance(32)
+    lines = out.getvalue().splitlines()
+    # a line when 10 s have passed since the last (at 12 s, 24 s, ... 96 s: 8 lines), then the final one
+    assert len(lines) == 9 and all(line.startswith("caching train.txt: ") for line in lines)
+    assert lines[0] == "caching train.txt: 96/800 (12%) 8.0 img/s ETA 1m28s"
+    assert lines[-1] == "caching train.txt: 800/800 (100%) 8.0 img/s in 1m40s"
+    assert "\n\n" not in out.getvalue()  # no blank lines where a bar would be
+
+    quiet = io.StringIO()
+    with Progress(800, "x", enabled=False, stream=quiet, clock=clock) as bar:
+        bar.advance(800)
+    assert quiet.getvalue() == ""
+
+
+def test_featurize_progress_is_the_shared_reporter() -> None:
+    pytest.importorskip("torch")
+    from mist_kit.featurize import _progress
+    from mist_kit.progress import Progress
+
+    bar = _progress(True, 10, "caching x")
+    assert isinstance(bar, Progress) and bar.enabled and bar.label == "caching x"
+    assert not _progress(False, 10, "x").enabled
+
+
+def test_codec_list_marks_the_real_defaults_by_name() -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from mist_kit.cli.app import app
+
+    res = CliRunner().invoke(app, ["codec", "list", "--json"])
+    marks = {r["codec"]: r["default"] for r in json.loads(res.stdout)}
+    assert marks["pool2-int4"] is None  # the default of neither train nor export
+    assert "train default" in marks["fp32"] and "export default" in marks["int8-channel"]
+
+
+def test_codec_bench_json_keeps_stdout_pure_and_reports_progress_on_stderr() -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from mist_kit.cli.app import app
+
+    res = CliRunner().invoke(app, ["codec", "bench", "--codecs", "fp32,fp16,int8-channel", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)  # the whole of stdout is one JSON document
+    assert [r["codec"] for r in rows] == ["fp32", "fp16", "int8-channel"]
+    assert "codec bench: 3/3 (100%)" in res.stderr
+    # fp32's encode returns its input: no speed to report (it printed ~12.7 TB/s); the others are timed
+    assert rows[0]["encode_mb_s"] is None and "no-op" in rows[0]["encode_note"]
+    assert all(r["encode_mb_s"] > 0 for r in rows[1:])
+    quiet = CliRunner().invoke(app, ["codec", "bench", "--codecs", "fp32", "--json", "--quiet"])
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_codec_bench_interrupted_prints_the_finished_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import mist_kit.codec_bench as cb
+    from mist_kit.cli.app import app
+
+    real, calls = cb.measure_row, []
+
+    def stop_at_third(codec, x):  # type: ignore[no-untyped-def]
+        calls.append(codec.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(codec, x)
+
+    monkeypatch.setattr(cb, "measure_row", stop_at_third)
+    res = CliRunner().invoke(app, ["codec", "bench", "--codecs", "fp32,fp16,int8-channel,int4-channel"])
+    assert res.exit_code == 130
+    assert "fp16" in res.stderr and "int4-channel" not in res.stderr.split("codec bench (synthetic")[1]
+    assert "interrupted: 2 of 4 codecs finished" in res.stderr
+
+
+def test_codec_bench_says_what_it_retrains_and_no_retrain_skips_it(tiny_checkpoint: dict, digits_lists: dict) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from mist_kit.cli.app import app
+
+    args = ["codec", "bench", "--checkpoint", tiny_checkpoint["checkpoint"], "--data", str(digits_lists["test"]),
+            "--codecs", "fp32,int8-channel,pool2-int4", "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    head = res.stderr.split("pool2-int4: retraining")[0]  # the plan comes before any retraining
+    assert "will retrain 1 edge network(s) (pool2-int4)" in head and "--no-retrain" in head
+    assert [r["retrained"] for r in json.loads(res.stdout)] == [False, False, True]
+
+    res = CliRunner().invoke(app, [*args, "--no-retrain"])
+    assert res.exit_code == 0, res.output
+    rows = {r["codec"]: r for r in json.loads(res.stdout)}
+    assert "retrain" not in res.stderr
+    assert not rows["pool2-int4"]["retrained"] and rows["pool2-int4"]["top1"] is None
+    assert rows["pool2-int4"]["bytes_per_image"] > 0 and rows["int8-channel"]["top1"] is not None

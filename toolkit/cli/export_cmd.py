@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mist_kit.cli.common import cli_errors, console, logger, print_json
+from mist_kit.cli.common import Quiet, cli_errors, console, logger, print_json
 from mist_kit.errors import UsageError
 
 
@@ -53,6 +53,7 @@ def export(
     weights: Annotated[Path | None, typer.Option(help="Backbone weights if moved since training")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root (default: the training one)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Export a checkpoint as a validated split bundle; exits 1 if validation fails (nothing written then)."""
     if not split:
@@ -64,7 +65,7 @@ def export(
     opts = ExportOptions(quantize=Precision(quantize.value), mode=mode, op_types=ops, min_agreement=min_agreement,
                          calib=calib, eval_data=eval_data, n_calib=n_calib, n_eval=n_eval, tflite=tflite, codec=codec,
                          model_name=model_name, weights=str(weights) if weights else None, cache_dir=cache_dir)
-    report = export_bundle(checkpoint, out, opts, log=logger(json_out))
+    report = export_bundle(checkpoint, out, opts, log=logger(quiet))
     if json_out:
         print_json(report.to_dict())
     else:

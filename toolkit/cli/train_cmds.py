@@ -9,7 +9,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mist_kit.cli.common import cli_errors, console, logger, parse_ints, parse_triple, print_json
+from mist_kit.cli.common import Quiet, cli_errors, console, logger, parse_ints, parse_triple, print_json
+
+TRAIN_DEFAULT_CODEC = "fp32"  # `train --codec` default (what `codec list` marks as train's default)
 
 
 class Precision(str, Enum):
@@ -62,8 +64,9 @@ def train(
              "~0.3% feature error)")] = Precision.fp32,
     codec: Annotated[str, typer.Option(help="Feature codec the device will receive (see `mist-kit codec list`); "
                                             "calibrated on --train, the edge network is trained on its round "
-                                            "trip")] = "fp32",
+                                            "trip")] = TRAIN_DEFAULT_CODEC,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Cache backbone features once, choose k on --val, train the edge network, write a checkpoint."""
     from mist_kit.edge import get_edge_method
@@ -90,12 +93,12 @@ def train(
                            patience=patience, label_smoothing=label_smoothing, seed=seed,
                            prune_margin=prune_margin, prune_after=prune_after),
         refit=refit, cache_dir=cache_dir, skip_bad=skip_bad, backbone_batch=backbone_batch,
-        backbone_precision=backbone_precision.value, progress=not json_out,
+        backbone_precision=backbone_precision.value, progress=not quiet,
     )
     from mist_kit.runtime.codec import codec_params, parse_codec_name
 
     codec_params(parse_codec_name(codec)[0])  # an unknown codec fails now, not after caching
-    report = run_training(req, log=logger(json_out), codec={"name": codec})
+    report = run_training(req, log=logger(quiet), codec={"name": codec})
     if json_out:
         print_json(report)
         return
@@ -120,12 +123,13 @@ def evaluate(
     backbone_precision: Annotated[Precision | None, typer.Option(
         help="Backbone precision for uncached images (default: the one the checkpoint trained with)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Top-1 accuracy of a checkpoint on labelled data."""
     from mist_kit.pipeline import run_evaluation
 
     report = run_evaluation(checkpoint, data, cache_dir=cache_dir, weights=str(weights) if weights else None,
-                            skip_bad=skip_bad, progress=not json_out, log=logger(json_out),
+                            skip_bad=skip_bad, progress=not quiet, log=logger(quiet),
                             precision=backbone_precision.value if backbone_precision else None)
     if json_out:
         print_json(report)
