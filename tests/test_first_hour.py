@@ -205,3 +205,54 @@ def test_codec_bench_says_what_it_retrains_and_no_retrain_skips_it(tiny_checkpoi
     assert "retrain" not in res.stderr
     assert not rows["pool2-int4"]["retrained"] and rows["pool2-int4"]["top1"] is None
     assert rows["pool2-int4"]["bytes_per_image"] > 0 and rows["int8-channel"]["top1"] is not None
+
+
+_FAST_FAIL_SCRIPT = r"""
+import json, sys
+from typer.testing import CliRunner
+from mist_kit.cli.app import app
+out = []
+for args in json.loads(sys.argv[1]):
+    res = CliRunner().invoke(app, args)
+    out.append([res.exit_code, res.output.strip()])
+print(json.dumps({"results": out, "torch": "torch" in sys.modules, "timm": "timm" in sys.modules}))
+"""
+
+
+def test_train_mistakes_fail_before_torch_is_imported(tmp_path: Path, digits_lists: dict) -> None:
+    """A bad --weights, --img-size against the patch, --k beyond the depth: one line, exit 2, no torch import."""
+    import json
+    import subprocess
+    import sys
+
+    w = tmp_path / "w.safetensors"
+    w.write_bytes(b"x")
+    base = ["train", "--train", str(digits_lists["train"]), "--out", str(tmp_path / "o")]
+    cases = [
+        ([*base, "--weights", str(tmp_path / "nope.safetensors"), "--k", "2"], "nope.safetensors: does not exist"),
+        ([*base, "--weights", str(w), "--backbone", "vit_tiny_patch16_224", "--img-size", "70", "--k", "2"],
+         "not a multiple of vit_tiny_patch16_224's patch size 16 (try 64 or 80)"),
+        ([*base, "--weights", str(w), "--backbone", "vit_small_patch14_dinov2", "--k", "13"],
+         "--k 13 is beyond vit_small_patch14_dinov2's depth (12 blocks)"),
+        ([*base, "--weights", str(w), "--val", str(tmp_path / "missing.txt")], "--val: "),
+        ([*base, "--backbone", "vit_tiny_patch16_224"], "no backbone weights"),
+    ]
+    proc = subprocess.run([sys.executable, "-c", _FAST_FAIL_SCRIPT, json.dumps([c[0] for c in cases])],
+                          capture_output=True, text=True, timeout=120, check=True)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (code, output), (_, expected) in zip(report["results"], cases, strict=True):
+        assert code == 2 and output.startswith("error: ") and expected in output, output
+        assert len(output.splitlines()) == 1, output
+    assert not report["torch"] and not report["timm"]
+
+
+def test_pretrained_offline_fails_at_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mist_kit.cli.preflight import check_pretrained_reachable
+    from mist_kit.errors import DependencyError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(DependencyError, match=r"not in the Hugging Face cache .*HF_HUB_OFFLINE is set"):
+        check_pretrained_reachable("vit_tiny_patch16_224")
+    (tmp_path / "models--timm--vit_tiny_patch16_224.augreg_in21k").mkdir()
+    check_pretrained_reachable("vit_tiny_patch16_224")  # cached: no network needed

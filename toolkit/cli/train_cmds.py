@@ -69,13 +69,6 @@ def train(
     quiet: Quiet = False,
 ) -> None:
     """Cache backbone features once, choose k on --val, train the edge network, write a checkpoint."""
-    from mist_kit.edge import get_edge_method
-    from mist_kit.pipeline import TrainRequest, run_training
-    from mist_kit.train import TrainParams
-
-    method_params: dict = {}
-    if get_edge_method(method).input_kind == "gather":
-        method_params = {"rank": rank, "pool": pool, "dropout": dropout}
     k_value: int | None
     if k == "auto":
         k_value = None
@@ -84,6 +77,14 @@ def train(
             k_value = int(k)
         except ValueError:
             raise typer.BadParameter(f"--k: expected 'auto' or an integer, got {k!r}") from None
+    _preflight(backbone, weights, pretrained, img_size, k_value, parse_ints(ks, "--ks"), (train, val, test))
+    from mist_kit.edge import get_edge_method
+    from mist_kit.pipeline import TrainRequest, run_training
+    from mist_kit.train import TrainParams
+
+    method_params: dict = {}
+    if get_edge_method(method).input_kind == "gather":
+        method_params = {"rank": rank, "pool": pool, "dropout": dropout}
     req = TrainRequest(
         backbone=backbone, train=train, val=val, test=test, out=out,
         weights=str(weights) if weights else None, pretrained=pretrained, img_size=img_size,
@@ -113,6 +114,22 @@ def train(
     console.print(table)
 
 
+def _preflight(backbone: str, weights: Path | None, pretrained: bool, img_size: int | None, k: int | None,
+               ks: tuple[int, ...] | None, data: tuple[str | None, str | None, str | None]) -> None:
+    """Torch-free checks before the ~30 s of imports and any backbone work (mist_kit.cli.preflight)."""
+    from mist_kit.cli import preflight
+    from mist_kit.errors import UsageError
+
+    if weights is None and not pretrained:  # the same rule as load_backbone, said before the imports
+        raise UsageError("no backbone weights: pass --weights FILE (safetensors) or --pretrained (needs the hub)")
+    preflight.check_file(weights, "--weights")
+    for source, flag in zip(data, ("--train", "--val", "--test"), strict=True):
+        preflight.check_data(source, flag)
+    preflight.check_backbone_args(backbone, img_size, k, ks)
+    if pretrained and weights is None:
+        preflight.check_pretrained_reachable(backbone)
+
+
 @cli_errors
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (or a train --out directory)")],
@@ -126,6 +143,10 @@ def evaluate(
     quiet: Quiet = False,
 ) -> None:
     """Top-1 accuracy of a checkpoint on labelled data."""
+    from mist_kit.cli import preflight
+
+    preflight.check_file(weights, "--weights")
+    preflight.check_data(data, "DATA")
     from mist_kit.pipeline import run_evaluation
 
     report = run_evaluation(checkpoint, data, cache_dir=cache_dir, weights=str(weights) if weights else None,
