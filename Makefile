@@ -17,11 +17,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[all]'
 	touch $(STAMP)
 
+# Each prints its own wall time (the README quotes these), whether it passed or not.
+WALL = start=$$(date +%s); rc=0; $(1) || rc=$$?; echo "make $@: $$(( $$(date +%s) - start )) s wall on $$(nproc) cores \
+	(load average $$(cut -d' ' -f1-3 /proc/loadavg))" >&2; exit $$rc
+
 demo: install
-	$(BIN)/mist-kit demo --out demo-out
+	@$(call WALL,$(BIN)/mist-kit demo --out demo-out)
 
 test: install
-	$(BIN)/python -m pytest -q
+	@$(call WALL,$(BIN)/python -m pytest -q)
 
 # Benchmarks on real data (needs ../shared: Caltech-101 VTAB-1k + DINOv2 ViT-S/14 weights); each writes its own
 # section of BENCHMARKS.md. Slow on 2 cores (the Caltech feature cache is most of it); not part of `make test`.
