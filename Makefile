@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch's PyPI wheel (CUDA build) runs on CPU; torchvision must match it for timm to import.
 TORCH_PINS := torch==2.14.0 torchvision==0.29.0
 
-.PHONY: install demo test bench lint clean tflite-env tflite-test tflite-bench
+.PHONY: install demo test readme-test bench lint clean tflite-env tflite-test tflite-bench
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: install
 
 test: install
 	@$(call WALL,$(BIN)/python -m pytest -q)
+
+# The README's marked command blocks, run as written on the demo's outputs (writes runs/ and bundles/).
+readme-test: demo
+	@$(call WALL,$(BIN)/python tests/test_readme_commands.py demo)
 
 # Benchmarks on real data (needs ../shared: Caltech-101 VTAB-1k + DINOv2 ViT-S/14 weights); each writes its own
 # section of BENCHMARKS.md. Slow on 2 cores (the Caltech feature cache is most of it); not part of `make test`.
@@ -63,4 +67,4 @@ lint: install
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf demo-out .pytest_cache
+	rm -rf demo-out runs bundles .pytest_cache
