@@ -85,8 +85,9 @@ def check_pretrained_reachable(backbone: str, timeout_s: float = 3.0) -> None:
             return
         except OSError:
             pass
-    raise DependencyError(f"--pretrained: {backbone} is not in the Hugging Face cache and {HUB_HOST} cannot be "
-                          f"reached{' (HF_HUB_OFFLINE is set)' if offline else ''}; pass --weights FILE instead")
+    why = " (HF_HUB_OFFLINE is set)" if offline else ""
+    raise DependencyError(f"--pretrained: {backbone} is not in the Hugging Face cache and the model hub "
+                          f"({HUB_HOST}) cannot be reached{why}; pass --weights FILE instead")
 
 
 def _in_hf_cache(backbone: str) -> bool:
