@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch's PyPI wheel (CUDA build) runs on CPU; torchvision must match it for timm to import.
 TORCH_PINS := torch==2.14.0 torchvision==0.29.0
 
-.PHONY: install demo test bench lint clean tflite-env tflite-test tflite-bench
+.PHONY: install demo test readme-test bench lint clean tflite-env tflite-test tflite-bench
 
 install: $(STAMP)
 
@@ -17,11 +17,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[all]'
 	touch $(STAMP)
 
+# Each prints its own wall time (the README quotes these), whether it passed or not.
+WALL = start=$$(date +%s); rc=0; $(1) || rc=$$?; echo "make $@: $$(( $$(date +%s) - start )) s wall on $$(nproc) cores \
+	(load average $$(cut -d' ' -f1-3 /proc/loadavg))" >&2; exit $$rc
+
 demo: install
-	$(BIN)/mist-kit demo --out demo-out
+	@$(call WALL,$(BIN)/mist-kit demo --out demo-out)
 
 test: install
-	$(BIN)/python -m pytest -q
+	@$(call WALL,$(BIN)/python -m pytest -q)
+
+# The README's marked command blocks, run as written on the demo's outputs (writes runs/ and bundles/).
+readme-test: demo
+	@$(call WALL,$(BIN)/python tests/test_readme_commands.py demo)
 
 # Benchmarks on real data (needs ../shared: Caltech-101 VTAB-1k + DINOv2 ViT-S/14 weights); each writes its own
 # section of BENCHMARKS.md. Slow on 2 cores (the Caltech feature cache is most of it); not part of `make test`.
@@ -59,4 +67,4 @@ lint: install
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf demo-out .pytest_cache
+	rm -rf demo-out runs bundles .pytest_cache

@@ -7,7 +7,7 @@ is never loaded whole: rows are sliced from the memory map a batch at a time and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 
 import numpy as np
 
@@ -50,16 +50,61 @@ class InMemoryBatches:
         return iter(self.batches)
 
 
-class FeatureReader:
-    """onnxruntime's CalibrationDataReader protocol over any re-iterable of batches (duck-typed, no ORT import)."""
+def uniform_batch_size(n_rows: int | None, target: int) -> int:
+    """The largest batch size <= target that divides n_rows (1 when the row count is unknown).
 
-    def __init__(self, batches: Iterable[dict[str, np.ndarray]]) -> None:
+    onnxruntime's histogram calibrators (entropy, percentile) stack every batch's activations with
+    `np.asarray(list_of_batches)`, which fails ("inhomogeneous shape") as soon as one batch is shorter than the
+    others; so calibration batches must all have the same length, without padding (a padded row would skew the
+    ranges). A divisor of N gives that for any N (a prime N runs one row at a time, still correct).
+    """
+    if not n_rows or n_rows < 1:
+        return 1
+    for size in range(min(max(1, target), n_rows), 0, -1):
+        if n_rows % size == 0:
+            return size
+    return 1  # pragma: no cover - size 1 always divides
+
+
+def count_rows(batches: Iterable[dict[str, np.ndarray]]) -> int | None:
+    """Rows in a batch source without reading it: ArrayBatches/InMemoryBatches know; a list is summed; else None."""
+    if isinstance(batches, list | tuple):
+        return sum(len(next(iter(b.values()))) for b in batches)
+    return len(batches) if isinstance(batches, Sized) else None
+
+
+def rebatch(batches: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
+    """The same rows, in order, as batches of exactly `size` rows (a shorter tail only if size does not divide N)."""
+    pending: list[dict[str, np.ndarray]] = []
+    held = 0
+    for batch in batches:
+        pending.append(batch)
+        held += len(next(iter(batch.values())))
+        while held >= size:
+            merged = {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
+            yield {k: v[:size] for k, v in merged.items()}
+            rest = {k: v[size:] for k, v in merged.items()}
+            held -= size
+            pending = [rest] if held else []
+    if held:
+        yield {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
+
+
+class FeatureReader:
+    """onnxruntime's CalibrationDataReader protocol over any re-iterable of batches (duck-typed, no ORT import).
+
+    Batches are re-cut to one uniform length (see `uniform_batch_size`), so any number of calibration rows works
+    with every calibration method.
+    """
+
+    def __init__(self, batches: Iterable[dict[str, np.ndarray]], batch_size: int = 32) -> None:
         self.batches = batches
+        self.batch_size = uniform_batch_size(count_rows(batches), batch_size)
         self._it: Iterator[dict[str, np.ndarray]] | None = None
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._it is None:
-            self._it = iter(self.batches)
+            self._it = rebatch(self.batches, self.batch_size)
         return next(self._it, None)
 
     def rewind(self) -> None:

@@ -28,7 +28,8 @@ from mist_kit.runtime.codec.bench import measure, synthetic_features
 Log = Callable[[str], None]
 OnCodec = Callable[[str], None]
 MEASURE_IMAGES = 64  # rows used for bytes / SNR / speed (accuracy uses every image)
-RETRAIN_MODES = ("auto", "all")
+RETRAIN_MODES = ("auto", "all", "none")  # none: token-changing codecs get bytes/SNR only (no retraining)
+MakeRow = Callable[[str, Codec], dict[str, Any]]
 
 
 @dataclass
@@ -40,6 +41,36 @@ class BenchResult:
     features_shape: tuple[int, int]
     jpeg_q90_bytes: float | None
     notes: list[str] = field(default_factory=list)
+    interrupted: bool = False  # Ctrl-C stopped the loop: `rows` holds the codecs finished before it
+
+
+def measure_row(codec: Codec, x: np.ndarray) -> dict[str, Any]:
+    """`measure`, minus a speed that measures nothing.
+
+    fp32's encode hands back the input array itself (no copy, no work), so timing it gives "MB/s" in the
+    millions (TB/s): not a speed. Such a row reports no encode speed and says why.
+    """
+    row = measure(codec, x)
+    sample = np.ascontiguousarray(x[:2], dtype=np.float32)
+    if any(np.shares_memory(sample, t) for t in codec.encode(sample).values()):
+        row["encode_mb_s"] = None
+        row["encode_note"] = "encode is a no-op (the features are sent as they are): nothing to time"
+    return row
+
+
+def collect_rows(fitted: dict[str, Codec], make_row: MakeRow, on_codec: OnCodec | None,
+                 notes: list[str]) -> tuple[list[dict[str, Any]], bool]:
+    """One row per fitted codec, in order; Ctrl-C keeps the finished rows (and says so in `notes`)."""
+    rows: list[dict[str, Any]] = []
+    try:
+        for name, codec in fitted.items():
+            if on_codec:
+                on_codec(name)
+            rows.append(make_row(name, codec))
+    except KeyboardInterrupt:
+        notes.append(f"interrupted: {len(rows)} of {len(fitted)} codecs finished; the table shows those")
+        return rows, True
+    return rows, False
 
 
 def jpeg_q90_bytes(paths: Sequence[Path], size: int, max_images: int = 100) -> float | None:
@@ -100,14 +131,11 @@ def bench_codecs(codecs: Sequence[str] | None = None, *, checkpoint: str | Path 
     if features is not None:  # real features without a model: bytes, fidelity and speed only
         x = np.asarray(features, dtype=np.float32)
         fitted = _fit_all(names, x[::2], num_prefix_tokens, skip_unfit, log)  # calibrate on even rows, measure odd
-        rows = []
-        for name, codec in fitted.items():
-            if on_codec:
-                on_codec(name)
-            rows.append({**measure(codec, x[1::2][:MEASURE_IMAGES]), "top1": None, "top1_delta": None,
-                         "agreement": None, "retrained": False, "jpeg_q90_bytes": None, "source": "features"})
-        return BenchResult(rows, "features", (int(x.shape[1]), int(x.shape[2])), None,
-                           [f"given features {list(x.shape)}: codecs calibrated on even rows, measured on odd rows"])
+        notes = [f"given features {list(x.shape)}: codecs calibrated on even rows, measured on odd rows"]
+        rows, stopped = collect_rows(fitted, lambda _n, c: {
+            **measure_row(c, x[1::2][:MEASURE_IMAGES]), "top1": None, "top1_delta": None, "agreement": None,
+            "retrained": False, "jpeg_q90_bytes": None, "source": "features"}, on_codec, notes)
+        return BenchResult(rows, "features", (int(x.shape[1]), int(x.shape[2])), None, notes, stopped)
     if checkpoint is not None:
         from mist_kit.codec_bench_model import bench_checkpoint
 
@@ -117,17 +145,12 @@ def bench_codecs(codecs: Sequence[str] | None = None, *, checkpoint: str | Path 
     n, t, d = synthetic_shape
     x = synthetic_features(n, t, d, prefix=1, seed=0)
     fitted = _fit_all(names, x, 1, skip_unfit, log)
-    rows = []
-    for name, codec in fitted.items():
-        if on_codec:
-            on_codec(name)
-        rows.append({**measure(codec, x), "top1": None, "top1_delta": None, "agreement": None,
-                     "retrained": False, "jpeg_q90_bytes": None})
-    for row in rows:
-        row["source"] = "synthetic"
-    return BenchResult(rows, "synthetic", (t, d), None,
-                       [f"synthetic gather-like features [{n}, {t}, {d}] (no --checkpoint/--bundle): bytes, SNR and "
-                        "speed only; accuracy needs a model and labelled data"])
+    notes = [f"synthetic gather-like features [{n}, {t}, {d}] (no --checkpoint/--bundle): bytes, SNR and "
+             "speed only; accuracy needs a model and labelled data"]
+    rows, stopped = collect_rows(fitted, lambda _n, c: {
+        **measure_row(c, x), "top1": None, "top1_delta": None, "agreement": None, "retrained": False,
+        "jpeg_q90_bytes": None, "source": "synthetic"}, on_codec, notes)
+    return BenchResult(rows, "synthetic", (t, d), None, notes, stopped)
 
 
 def _bench_bundle(names: list[str], bundle: str | Path, data: str, on_codec: OnCodec | None, log: Log,
@@ -169,11 +192,9 @@ def _bench_bundle(names: list[str], bundle: str | Path, data: str, on_codec: OnC
     base_logits = logits(x_eval)
     base_pred, base_top1 = base_logits.argmax(1), float(np.mean(base_logits.argmax(1) == y_eval))
     jpeg = jpeg_q90_bytes([images.paths[i] for i in eval_idx], int(manifest["input"]["size"]))
-    rows = []
-    for name, codec in fitted.items():
-        if on_codec:
-            on_codec(name)
-        row = {**measure(codec, x_eval[:MEASURE_IMAGES]), "top1": None, "top1_delta": None, "agreement": None,
+
+    def make_row(_name: str, codec: Codec) -> dict[str, Any]:
+        row = {**measure_row(codec, x_eval[:MEASURE_IMAGES]), "top1": None, "top1_delta": None, "agreement": None,
                "retrained": False, "jpeg_q90_bytes": jpeg}
         if codec.out_tokens == feats.shape[1]:
             row.update(_agreement_row(logits(np.concatenate([codec.roundtrip(x_eval[i:i + 64])
@@ -182,5 +203,7 @@ def _bench_bundle(names: list[str], bundle: str | Path, data: str, on_codec: OnC
         else:
             row["note"] = "changes the token layout: measure accuracy with --checkpoint (retrains the edge net)"
         row["source"] = "bundle"
-        rows.append(row)
-    return BenchResult(rows, "bundle", (int(feats.shape[1]), int(feats.shape[2])), jpeg, notes)
+        return row
+
+    rows, stopped = collect_rows(fitted, make_row, on_codec, notes)
+    return BenchResult(rows, "bundle", (int(feats.shape[1]), int(feats.shape[2])), jpeg, notes, stopped)

@@ -16,9 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from mist_kit.codec_bench import MEASURE_IMAGES, BenchResult, Log, OnCodec, _agreement_row, _fit_all, jpeg_q90_bytes
+from mist_kit.codec_bench import (
+    MEASURE_IMAGES,
+    BenchResult,
+    Log,
+    OnCodec,
+    _agreement_row,
+    _fit_all,
+    collect_rows,
+    jpeg_q90_bytes,
+    measure_row,
+)
 from mist_kit.errors import CheckpointError, UsageError
-from mist_kit.runtime.codec.bench import measure
 
 
 def _gathers(config: Any, source: str, plan: Any, root: Path, backbone: Any, log: Log
@@ -101,35 +110,71 @@ def bench_checkpoint(names: list[str], checkpoint: str | Path, data: str, cache_
         return predict_logits(net, x_test, tf), time.perf_counter() - t0
 
     own_is_fp32 = own is None or own.lossless
+    retrain_all = retrain == "all" or not own_is_fp32  # a codec-trained checkpoint: every row needs its own net
+    fitted = _fit_all(names, x_tr[np.unique(np.linspace(0, len(x_tr) - 1, min(256, len(x_tr))).astype(int))],
+                      prefix, skip_unfit, log)
+    plan = retrain_plan(fitted, config.backbone.num_tokens, retrain, own_is_fp32)
+    if retrain != "none":
+        announce_plan(plan, retrain_all, len(x_tr), params.epochs, log)
     base_secs = None
-    if retrain == "all" or not own_is_fp32:
+    if retrain_all and retrain != "none":
         log("retraining the fp32 baseline edge network from the cache")
         base_logits, base_secs = retrained(None)
     else:
         base_logits = predict_logits(model, x_test)
     base_pred = base_logits.argmax(1)
     base_top1 = float(np.mean(base_pred == y_test))
-    fitted = _fit_all(names, x_tr[np.unique(np.linspace(0, len(x_tr) - 1, min(256, len(x_tr))).astype(int))],
-                      prefix, skip_unfit, log)
     jpeg = jpeg_q90_bytes(list(load_image_list(data).paths), config.backbone.img_size)
     sample = np.asarray(x_test[:MEASURE_IMAGES], dtype=np.float32)
-    rows = []
-    for name, codec in fitted.items():
-        if on_codec:
-            on_codec(name)
-        row = {**measure(codec, sample), "retrained": False, "train_seconds": None, "jpeg_q90_bytes": jpeg}
-        changes_tokens = codec.out_tokens != config.backbone.num_tokens
-        if codec.lossless and not (retrain == "all" or not own_is_fp32):
+    timing = {"done": 0, "seconds": 0.0}
+    if retrain == "none" and not own_is_fp32:
+        notes.append(f"--no-retrain: the checkpoint was trained for {own_spec.get('name', 'fp32')}; rows use its edge "
+                     "network as it is")
+
+    def make_row(name: str, codec: Any) -> dict[str, Any]:
+        row = {**measure_row(codec, sample), "retrained": False, "train_seconds": None, "jpeg_q90_bytes": jpeg,
+               "source": "checkpoint"}
+        if name in plan and retrain == "none":
+            row.update(top1=None, top1_delta=None, agreement=None,
+                       note="changes the token layout: accuracy needs a retrained edge network (drop --no-retrain)")
+            return row
+        if codec.lossless and not retrain_all:
             logits = base_logits
-        elif changes_tokens or retrain == "all" or not own_is_fp32:
+        elif name in plan or retrain_all:
             if codec.lossless:  # the baseline itself, retrained above
                 logits, secs = base_logits, base_secs
             else:
                 log(f"{name}: retraining the edge network on the codec's round trip")
                 logits, secs = retrained(codec)
+                timing["done"] += 1
+                timing["seconds"] += secs
+                left = len(plan) - timing["done"]
+                if left > 0:
+                    each = timing["seconds"] / timing["done"]
+                    log(f"{name}: retrained in {secs:.0f} s; {left} more to retrain, about {each * left:.0f} s")
             row.update(retrained=True, train_seconds=None if secs is None else round(secs, 1))
         else:
             logits = predict_logits(model, x_test, codec.roundtrip)
-        row.update(_agreement_row(logits, base_pred, y_test, base_top1), source="checkpoint")
-        rows.append(row)
-    return BenchResult(rows, "checkpoint", (int(x_test.shape[1]), int(x_test.shape[2])), jpeg, notes)
+        row.update(_agreement_row(logits, base_pred, y_test, base_top1))
+        return row
+
+    rows, stopped = collect_rows(fitted, make_row, on_codec, notes)
+    return BenchResult(rows, "checkpoint", (int(x_test.shape[1]), int(x_test.shape[2])), jpeg, notes, stopped)
+
+
+def retrain_plan(fitted: dict[str, Any], num_tokens: int, retrain: str, own_is_fp32: bool) -> list[str]:
+    """The codecs whose row retrains an edge network (auto: token-changing ones; all: every lossy one)."""
+    if retrain == "all" or not own_is_fp32:
+        return [n for n, c in fitted.items() if not c.lossless]
+    return [n for n, c in fitted.items() if c.out_tokens != num_tokens]
+
+
+def announce_plan(plan: list[str], baseline: bool, n_train: int, epochs: int, log: Log) -> None:
+    """Say before any work which rows retrain and what one retrain is, so a long bench is never a surprise."""
+    total = len(plan) + int(baseline)
+    if not total:
+        return
+    who = ", ".join(plan) + (" and the fp32 baseline" if baseline else "")
+    log(f"codec bench will retrain {total} edge network(s) ({who}), each up to {epochs} epochs on {n_train} cached "
+        "training gathers (about as long as one k candidate of `train`); --no-retrain skips them "
+        "(bytes/SNR only for those rows), --codecs picks fewer")

@@ -21,6 +21,7 @@ from mist_kit.cache import DONE, CachedSplit, CacheWriter, cached_sources, open_
 from mist_kit.config import BackboneSpec
 from mist_kit.data import ImageList, load_pixels
 from mist_kit.errors import DataError
+from mist_kit.progress import Progress
 from mist_kit.runtime.plan import TensorSource
 
 Log = Callable[[str], None]
@@ -147,32 +148,6 @@ def _build(model: nn.Module, spec: BackboneSpec, images: ImageList, path: Path, 
     return split, seconds, int(len(images) - len(split.valid()))
 
 
-class _Bar:
-    """A rich progress bar, or nothing when progress is off (JSON mode, tests)."""
-
-    def __init__(self, enabled: bool, total: int, label: str) -> None:
-        self.enabled, self.total, self.label = enabled and total > 0, total, label
-        self._progress = None
-        self._task = None
-
-    def __enter__(self) -> _Bar:
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeRemainingColumn(), transient=True)
-            self._progress.__enter__()
-            self._task = self._progress.add_task(self.label, total=self.total)
-        return self
-
-    def advance(self, n: int) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-
-
-def _progress(enabled: bool, total: int, label: str) -> _Bar:
-    return _Bar(enabled, total, label)
+def _progress(enabled: bool, total: int, label: str) -> Progress:
+    """A bar on a terminal, periodic plain lines on stderr otherwise, nothing when off (see mist_kit.progress)."""
+    return Progress(total, label, enabled=enabled)

@@ -11,7 +11,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -19,7 +19,23 @@ from rich.console import Console
 from mist_kit.errors import MistError
 
 F = TypeVar("F", bound=Callable[..., Any])
-console = Console(stderr=True)  # human-readable progress goes to stderr; stdout stays clean for --json
+
+
+def _stderr_console() -> Console:
+    """Human-readable output goes to stderr (stdout stays clean for --json).
+
+    Off a terminal (a log file, a pipe) rich would wrap every line at 80 columns; soft wrap keeps each log line
+    whole, and tables get a width that fits their columns.
+    """
+    probe = Console(stderr=True)
+    if probe.is_terminal:
+        return probe
+    return Console(stderr=True, soft_wrap=True, width=int(os.environ.get("COLUMNS") or 200))
+
+
+console = _stderr_console()
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log lines on stderr (errors still)")]
 
 
 def cli_errors(fn: F) -> F:
@@ -85,7 +101,7 @@ def parse_ints(text: str | None, flag: str) -> tuple[int, ...] | None:
 
 
 def logger(quiet: bool) -> Callable[[str], None]:
-    """Progress lines to stderr unless quiet."""
+    """Log lines to stderr unless quiet (also under --json: stdout carries only the JSON)."""
     if quiet:
         return lambda _msg: None
     return lambda msg: console.print(msg, highlight=False, markup=False)

@@ -18,6 +18,10 @@ from mist_kit.cli.common import cli_errors, console
 DEMO_BACKBONE = "test_vit"  # timm's tiny registered ViT: width 64, 6 blocks
 DEMO_IMG_SIZE = 64
 DEMO_CODECS = ("fp32", "fp16", "int8-channel", "int4-channel", "pool2-int4")
+# Sized to finish in about a minute on a busy 2-core machine while going through every stage: two k candidates
+# (still a k search), 12 epochs (val top-1 has levelled off by then on digits), one torch thread (see `demo`).
+DEMO_KS = (3, 6)
+DEMO_EPOCHS = 12
 
 
 def register(app: typer.Typer) -> None:
@@ -26,6 +30,13 @@ def register(app: typer.Typer) -> None:
 
 def _say(msg: str) -> None:
     console.print(msg, highlight=False, markup=False)
+
+
+def _stage(t_start: float, msg: str) -> None:
+    """A stage header with the time since the demo started (where a slow machine spends it is visible)."""
+    import time
+
+    _say(f"\n{msg}  (+{time.perf_counter() - t_start:.0f} s)")
 
 
 def _codec_table(rows: list[dict[str, Any]], jpeg: float | None) -> Table:
@@ -47,10 +58,18 @@ def _codec_table(rows: list[dict[str, Any]], jpeg: float | None) -> Table:
 @cli_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Working directory for data, checkpoint, bundle")] = Path("demo-out"),
-    epochs: Annotated[int, typer.Option(help="Maximum training epochs")] = 30,
+    epochs: Annotated[int, typer.Option(help="Maximum training epochs")] = DEMO_EPOCHS,
     serve: Annotated[bool, typer.Option(help="Also run the served path (KServe v2 on loopback)")] = True,
 ) -> None:
     """Run the whole pipeline on scikit-learn's digits with a random-init tiny ViT, then print a summary."""
+    import time
+
+    import torch
+
+    # The demo's networks are tiny (width 64): one thread does each op in microseconds, and on a loaded 2-core
+    # machine two OpenMP threads wait on each other at every op: measured 3-4 s/epoch with 1 thread against
+    # 18-48 s/epoch with 2 (load average 10-15), the main reason the train step took 727 s.
+    torch.set_num_threads(1)
     from mist_kit.backbone import save_random_backbone
     from mist_kit.codec_bench import bench_codecs
     from mist_kit.demo_data import write_digits
@@ -63,51 +82,54 @@ def demo(
 
     _say(f"mist-kit demo: backbone {DEMO_BACKBONE} with RANDOM-INIT weights (seed 0), not pretrained: the numbers "
          "show the pipeline works, not what a pretrained ViT reaches.")
+    t_start = time.perf_counter()
     lists = write_digits(out / "data")
     weights = out / "backbone.safetensors"
     if not weights.exists():
         save_random_backbone(DEMO_BACKBONE, weights, img_size=DEMO_IMG_SIZE, seed=0)
 
-    _say("\n[1/7] cache features + train (k chosen on val)")
+    _stage(t_start, "[1/7] cache features + train (k chosen on val)")
     req = TrainRequest(backbone=DEMO_BACKBONE, weights=str(weights), img_size=DEMO_IMG_SIZE,
                        train=str(lists["train"]), val=str(lists["val"]), test=str(lists["test"]),
-                       out=out / "train", params=TrainParams(epochs=epochs, lr=3e-3, batch_size=32, patience=6))
+                       out=out / "train", ks=DEMO_KS,
+                       params=TrainParams(epochs=epochs, lr=3e-3, batch_size=32, patience=6))
     report = run_training(req, log=_say)
     ckpt = report["checkpoint"]
     ev = run_evaluation(ckpt, str(lists["test"]), log=_say, progress=False)
 
-    _say("\n[2/7] export: cloud.onnx + int8 edge.onnx + head, validated")
+    _stage(t_start, "[2/7] export: cloud.onnx + int8 edge.onnx + head, validated")
     bundle = out / "bundle"
     exp = export_bundle(ckpt, bundle, log=_say)
     if not exp.ok:
         raise ExportError("demo export failed validation: " + "; ".join(exp.problems))
     parity = exp.manifest["parity"]
 
-    _say("\n[3/7] extract: run cloud.onnx over the val and test images")
+    _stage(t_start, "[3/7] extract: run cloud.onnx over the val and test images")
     val_feats, test_feats = out / "val.features.safetensors", out / "test.features.safetensors"
     extract(bundle, str(lists["val"]), val_feats, 64)
     ext = extract(bundle, str(lists["test"]), test_feats, 64)
 
-    _say("\n[4/7] codec bench (val split)")
+    _stage(t_start, "[4/7] codec bench (val split)")
     codecs = bench_codecs(list(DEMO_CODECS), checkpoint=ckpt, data=str(lists["val"]), log=_say)
 
-    _say("\n[5/7] run-edge --device rpi4 on the test features")
+    _stage(t_start, "[5/7] run-edge --device rpi4 on the test features")
     edge = run_edge(bundle, test_feats, device="rpi4", batch=32)
 
-    _say("\n[6/7] finetune-edge --device rpi4: retrain the head on the val features, measured on test")
+    _stage(t_start, "[6/7] finetune-edge --device rpi4: retrain the head on the val features, measured on test")
     state_dir = out / "device-heads"
     shutil.rmtree(state_dir, ignore_errors=True)  # each demo run starts from the bundle's head
     ft = finetune_edge(bundle, val_feats, device="rpi4", eval_features=test_feats, state_dir=state_dir)
 
     served = None
     if serve:
-        _say("\n[7/7] serve-cloud on loopback + the edge client (KServe v2, binary tensors)")
+        _stage(t_start, "[7/7] serve-cloud on loopback + the edge client (KServe v2, binary tensors)")
         from mist_kit.data import load_image_list
         from mist_kit.runtime.v2_server import serve_roundtrip
 
         _, served = serve_roundtrip(bundle, list(load_image_list(str(lists["test"])).paths[:16]), batch=8)
 
     console.print(_codec_table(codecs.rows, codecs.jpeg_q90_bytes))
+    total_s = time.perf_counter() - t_start
     table = Table(title="mist-kit demo summary")
     table.add_column("step")
     table.add_column("result")
@@ -128,4 +150,5 @@ def demo(
         table.add_row("served path (loopback)", f"{served['images']} JPEG/PNG -> {served['model']}: max abs diff vs "
                       f"in-process {served['max_abs_diff_vs_in_process']:.1e}, {served['seconds']:.2f} s")
     table.add_row("bundle", str(bundle))
+    table.add_row("wall time", f"{total_s:.0f} s for the whole demo (data, every stage, summary)")
     console.print(table)

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mist_kit.cli.common import cli_errors, console, logger, print_json
+from mist_kit.cli.common import Quiet, cli_errors, console, logger, print_json
 from mist_kit.errors import UsageError
 
 
@@ -55,6 +55,7 @@ def export(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object")] = False,
     sign: Annotated[Path | None, typer.Option("--sign", help="Sign the bundle with this ed25519 private key "
                                               "(`mist-kit keygen`)")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Export a checkpoint as a validated split bundle; exits 1 if validation fails (nothing written then)."""
     if not split:
@@ -70,12 +71,12 @@ def export(
     opts = ExportOptions(quantize=Precision(quantize.value), mode=mode, op_types=ops, min_agreement=min_agreement,
                          calib=calib, eval_data=eval_data, n_calib=n_calib, n_eval=n_eval, tflite=tflite, codec=codec,
                          model_name=model_name, weights=str(weights) if weights else None, cache_dir=cache_dir)
-    report = export_bundle(checkpoint, out, opts, log=logger(json_out))
+    report = export_bundle(checkpoint, out, opts, log=logger(quiet))
     if sign is not None and report.ok:
         from mist_kit.runtime.signing import sign_bundle
 
         key = sign_bundle(out, sign)
-        logger(json_out)(f"signed {out / 'manifest.json'} with key {key} (manifest.sig)")
+        logger(quiet)(f"signed {out / 'manifest.json'} with key {key} (manifest.sig)")
     if json_out:
         print_json(report.to_dict())
     else:

@@ -14,6 +14,7 @@ def register(app: typer.Typer) -> None:
     app.command("serve-cloud")(serve_cloud)
 
 
+# The docstring is the --help text, rendered as rich markup: no square brackets in it.
 @cli_errors
 def serve_cloud(
     bundle: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Bundle directory from `export`")],
@@ -35,8 +36,9 @@ def serve_cloud(
 ) -> None:
     """Serve the bundle's cloud.onnx over the KServe v2 / Open Inference Protocol (binary tensor extension).
 
-    Inputs: 'image' (BYTES: encoded JPEG/PNG, preprocessed per the manifest) or 'pixel_values' (FP32 [B,3,H,W]).
-    Outputs: the bundle's encoded features. Endpoints: /v2/health/{live,ready}, /v2, /v2/models/NAME[/ready|/infer].
+    Inputs: 'image' (BYTES: encoded JPEG/PNG, preprocessed per the manifest) or 'pixel_values' (FP32, B x 3 x H x W).
+    Outputs: the bundle's encoded features. Endpoints: /v2/health/live, /v2/health/ready, /v2, /v2/models/NAME,
+    /v2/models/NAME/ready, /v2/models/NAME/infer.
     """
     from mist_kit.runtime.signing import verify_signature
     from mist_kit.runtime.v2_model import ServeConfig

@@ -9,7 +9,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mist_kit.cli.common import cli_errors, console, logger, parse_ints, parse_triple, print_json
+from mist_kit.cli.common import Quiet, cli_errors, console, logger, parse_ints, parse_triple, print_json
+
+TRAIN_DEFAULT_CODEC = "fp32"  # `train --codec` default (what `codec list` marks as train's default)
 
 
 class Precision(str, Enum):
@@ -62,17 +64,11 @@ def train(
              "~0.3% feature error)")] = Precision.fp32,
     codec: Annotated[str, typer.Option(help="Feature codec the device will receive (see `mist-kit codec list`); "
                                             "calibrated on --train, the edge network is trained on its round "
-                                            "trip")] = "fp32",
+                                            "trip")] = TRAIN_DEFAULT_CODEC,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Cache backbone features once, choose k on --val, train the edge network, write a checkpoint."""
-    from mist_kit.edge import get_edge_method
-    from mist_kit.pipeline import TrainRequest, run_training
-    from mist_kit.train import TrainParams
-
-    method_params: dict = {}
-    if get_edge_method(method).method_name == "mist":
-        method_params = {"rank": rank, "pool": pool, "dropout": dropout}
     k_value: int | None
     if k == "auto":
         k_value = None
@@ -81,6 +77,14 @@ def train(
             k_value = int(k)
         except ValueError:
             raise typer.BadParameter(f"--k: expected 'auto' or an integer, got {k!r}") from None
+    _preflight(backbone, weights, pretrained, img_size, k_value, parse_ints(ks, "--ks"), (train, val, test))
+    from mist_kit.edge import get_edge_method
+    from mist_kit.pipeline import TrainRequest, run_training
+    from mist_kit.train import TrainParams
+
+    method_params: dict = {}
+    if get_edge_method(method).method_name == "mist":
+        method_params = {"rank": rank, "pool": pool, "dropout": dropout}
     req = TrainRequest(
         backbone=backbone, train=train, val=val, test=test, out=out,
         weights=str(weights) if weights else None, pretrained=pretrained, img_size=img_size,
@@ -90,12 +94,12 @@ def train(
                            patience=patience, label_smoothing=label_smoothing, seed=seed,
                            prune_margin=prune_margin, prune_after=prune_after),
         refit=refit, cache_dir=cache_dir, skip_bad=skip_bad, backbone_batch=backbone_batch,
-        backbone_precision=backbone_precision.value, progress=not json_out,
+        backbone_precision=backbone_precision.value, progress=not quiet,
     )
     from mist_kit.runtime.codec import codec_params, parse_codec_name
 
     codec_params(parse_codec_name(codec)[0])  # an unknown codec fails now, not after caching
-    report = run_training(req, log=logger(json_out), codec={"name": codec})
+    report = run_training(req, log=logger(quiet), codec={"name": codec})
     if json_out:
         print_json(report)
         return
@@ -110,6 +114,22 @@ def train(
     console.print(table)
 
 
+def _preflight(backbone: str, weights: Path | None, pretrained: bool, img_size: int | None, k: int | None,
+               ks: tuple[int, ...] | None, data: tuple[str | None, str | None, str | None]) -> None:
+    """Torch-free checks before the ~30 s of imports and any backbone work (mist_kit.cli.preflight)."""
+    from mist_kit.cli import preflight
+    from mist_kit.errors import UsageError
+
+    if weights is None and not pretrained:  # the same rule as load_backbone, said before the imports
+        raise UsageError("no backbone weights: pass --weights FILE (safetensors) or --pretrained (needs the hub)")
+    preflight.check_file(weights, "--weights")
+    for source, flag in zip(data, ("--train", "--val", "--test"), strict=True):
+        preflight.check_data(source, flag)
+    preflight.check_backbone_args(backbone, img_size, k, ks)
+    if pretrained and weights is None:
+        preflight.check_pretrained_reachable(backbone)
+
+
 @cli_errors
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (or a train --out directory)")],
@@ -120,12 +140,17 @@ def evaluate(
     backbone_precision: Annotated[Precision | None, typer.Option(
         help="Backbone precision for uncached images (default: the one the checkpoint trained with)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Top-1 accuracy of a checkpoint on labelled data."""
+    from mist_kit.cli import preflight
+
+    preflight.check_file(weights, "--weights")
+    preflight.check_data(data, "DATA")
     from mist_kit.pipeline import run_evaluation
 
     report = run_evaluation(checkpoint, data, cache_dir=cache_dir, weights=str(weights) if weights else None,
-                            skip_bad=skip_bad, progress=not json_out, log=logger(json_out),
+                            skip_bad=skip_bad, progress=not quiet, log=logger(quiet),
                             precision=backbone_precision.value if backbone_precision else None)
     if json_out:
         print_json(report)
