@@ -211,3 +211,9 @@ def test_eva_and_beit_gathers_equal_their_own_forward(name: str, kwargs: dict) -
 def test_non_vit_backbones_are_refused_before_building() -> None:
     with pytest.raises(UsageError, match="'resnet18' is not a Vision Transformer"):
         create_vit("resnet18")
+
+
+def test_img_size_not_a_multiple_of_the_patch_is_one_line_before_any_work() -> None:
+    """test_vit's name does not say its patch size, so the CLI preflight cannot catch this: the backbone does."""
+    with pytest.raises(UsageError, match=r"--img-size 70 is not a multiple of test_vit's patch size 16 \(try 64 or 80\)"):
+        create_vit("test_vit", img_size=70, seed=0)

@@ -151,6 +151,12 @@ def create_vit(name: str, img_size: int | None = None, weights: str | Path | Non
                                   f"({type(exc).__name__}); offline, pass --weights FILE instead") from None
         raise UsageError(f"cannot create backbone {name!r}: {str(exc)[:200]}") from None
     family(model)  # a one-line error for anything but the supported ViT families
+    patch = tuple(getattr(model.patch_embed, "patch_size", (1, 1)))
+    size = tuple(getattr(model.patch_embed, "img_size", None) or (img_size, img_size))
+    if img_size is not None and any(int(s) % int(p) for s, p in zip(size, patch, strict=False)):
+        lo, hi = max(patch[0], img_size // patch[0] * patch[0]), (img_size // patch[0] + 1) * patch[0]
+        raise UsageError(f"--img-size {img_size} is not a multiple of {name}'s patch size {patch[0]} "
+                         f"(try {lo} or {hi})")
     if weights is not None:
         path = Path(weights)
         filter_fn = _checkpoint_filter(model)
