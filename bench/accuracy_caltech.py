@@ -257,7 +257,7 @@ class Store:
         hit = self.get(key)
         if hit is not None:
             return hit
-        row = {"key": key, **fn()}
+        row = {**fn(), "key": key}
         self.rows.append(row)
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -272,8 +272,8 @@ def run_lever(store: Store, feats: Features, lever: str, seed: int) -> dict[str,
             f = feats
             r0 = fit_linear_probe(f.cls("train"), f.task.tr_y, f.cls("val"), f.task.va_y, seed=seed,
                                   num_classes=f.task.num_classes, refit=False)
-            r1 = fit_linear_probe(f.cls("train"), f.task.tr_y, f.cls("val"), f.task.va_y, seed=seed,
-                                  num_classes=f.task.num_classes, refit=True)
+            r1 = fit_linear_probe(f.cls("train"), f.task.tr_y, f.cls("val"), f.task.va_y, seed=seed, Cs=(r0.C,),
+                                  num_classes=f.task.num_classes, refit=True)  # the choice is r0's
             te = f.cls("test")
             return {"val": r0.val_top1_by_C[r0.C], "C": r0.C, "val_by_C": {str(c): v for c, v in
                                                                              r0.val_top1_by_C.items()},
