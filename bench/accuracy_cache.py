@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = next((p / "shared" / "data" / "caltech101-vtab1k" for p in (ROOT.parent, ROOT.parent.parent)
-             if (p / "shared" / "data" / "caltech101-vtab1k").is_dir()), ROOT.parent / "shared" / "data" / "caltech101-vtab1k")
+_CANDIDATES = [p / "shared" / "data" / "caltech101-vtab1k" for p in (ROOT.parent, ROOT.parent.parent)]
+DATA = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
 BACKBONE = "vit_small_patch14_dinov2"
 KS = (4, 8, 12)
 

@@ -18,7 +18,8 @@ CACHE = Path(__file__).resolve().parents[1] / "bench" / "work" / "accuracy" / "c
 
 
 def _one(pattern: str) -> Path:
-    hits = sorted(CACHE.glob(pattern))
+    bf16 = pattern.endswith("-bf16")
+    hits = sorted(p for p in CACHE.glob(pattern) if p.is_dir() and p.name.endswith("-bf16") == bf16)
     if not hits:
         raise SystemExit(f"error: no cache {CACHE / pattern}; run bench/accuracy_cache.py first")
     return hits[0]
@@ -29,8 +30,8 @@ def _cls(path: Path) -> np.ndarray:
 
 
 def main() -> None:
-    trv32, trv16 = _one("train800val200-*[0-9a-f]"), _one("train800val200-*-bf16")
-    te32, te16 = _one("test-*[0-9a-f]"), _one("test-*-bf16")
+    trv32, trv16 = _one("train800val200-*"), _one("train800val200-*-bf16")
+    te32, te16 = _one("test-*"), _one("test-*-bf16")
     y, yt = np.load(trv32 / "labels.npy"), np.load(te32 / "labels.npy")
     f32, b16, t32, t16 = _cls(trv32), _cls(trv16), _cls(te32), _cls(te16)
     print(f"cls relative error bf16 vs fp32 (train800val200): {np.linalg.norm(b16 - f32) / np.linalg.norm(f32):.4f}")
