@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -99,9 +100,24 @@ class Recipe:
     method: dict[str, Any] = field(default_factory=dict)
     ext: str | None = None  # None | "cls" | "tokdrop0.5"
     ks: tuple[int, ...] = (12,)
+    min_steps: int = 0  # lengthen epochs/patience/warmup by one factor so a small task gets >= this many steps
 
     def key(self) -> str:
-        return json.dumps({"p": self.params, "m": self.method, "e": self.ext, "ks": list(self.ks)}, sort_keys=True)
+        d = {"p": self.params, "m": self.method, "e": self.ext, "ks": list(self.ks)}
+        if self.min_steps:
+            d["s"] = self.min_steps
+        return json.dumps(d, sort_keys=True)
+
+    def train_params(self, n: int, seed: int, epochs: int | None = None) -> TrainParams:
+        """TrainParams for n training rows; with min_steps, training length counts optimiser steps, not epochs."""
+        base = TrainParams(**{**self.params, "seed": seed})
+        steps = math.ceil(n / base.batch_size)
+        f = max(1.0, self.min_steps / (steps * base.epochs)) if self.min_steps else 1.0
+        over = {"epochs": math.ceil(base.epochs * f), "patience": math.ceil(base.patience * f),
+                "warmup_epochs": math.ceil(base.warmup_epochs * f)}
+        if epochs is not None:
+            over["epochs"] = max(1, epochs)
+        return TrainParams(**{**base.__dict__, **over})
 
 
 REG = Recipe(params=REGULARISED, method={"dropout": 0.1})
@@ -113,6 +129,8 @@ LEVERS: dict[str, Recipe | list[Recipe]] = {
     "reg_lrgrid": [Recipe(params={**REGULARISED, "lr": lr}, method={"dropout": 0.1}) for lr in (1e-3, 3e-3, 1e-2)],
     "reg_cls_lrgrid": [Recipe(params={**REGULARISED, "lr": lr}, method={"dropout": 0.1}, ext="cls")
                        for lr in (1e-3, 3e-3, 1e-2)],
+    "reg_cls_steps": Recipe(params=REGULARISED, method={"dropout": 0.1}, ext="cls", min_steps=500),
+    "reg_steps": Recipe(params=REGULARISED, method={"dropout": 0.1}, min_steps=500),
     "reg_kauto": Recipe(params={**REGULARISED, "prune_margin": 0.1, "prune_after": 3}, method={"dropout": 0.1},
                         ks=(4, 8, 12)),
     "reg_cls_kauto": Recipe(params={**REGULARISED, "prune_margin": 0.1, "prune_after": 3}, method={"dropout": 0.1},
@@ -214,7 +232,7 @@ def search(feats: Features, recipe: Recipe, seed: int) -> dict[str, Any]:
     """Train every candidate k on train, early-stopped on val; score the chosen state on test (refit off)."""
     t = feats.task
     wc = recipe.ext == "cls"
-    params = TrainParams(**{**recipe.params, "seed": seed})
+    params = recipe.train_params(len(t.tr_y), seed)
     models = {k: _model(recipe, t.num_classes, seed) for k in recipe.ks}
     tx = {k: feats.gather("train", k, wc) for k in recipe.ks}
     vx = {k: feats.gather("val", k, wc) for k in recipe.ks}
@@ -232,7 +250,7 @@ def refit(feats: Features, recipe: Recipe, seed: int, k: int, epochs: int) -> di
     """Retrain from scratch on train + val for `epochs` (the chosen best epoch) and score test once."""
     t = feats.task
     wc = recipe.ext == "cls"
-    params = TrainParams(**{**recipe.params, "seed": seed, "epochs": max(1, epochs)})
+    params = recipe.train_params(len(t.tr_y), seed, epochs)
     model = _model(recipe, t.num_classes, seed)
     x = np.concatenate([feats.gather("train", k, wc), feats.gather("val", k, wc)])
     y = np.concatenate([t.tr_y, t.va_y])
