@@ -11,6 +11,7 @@ over the 1,000 training images, which turns `accuracy_caltech.py`'s epoch counts
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -71,6 +72,9 @@ def main() -> None:
     print(f"backbone fp32 {ma * 1000:.1f} ms/image (pass over 1,000 images {ma * 1000:.0f} s); LAE train "
           f"{mb * 1000:.2f} ms/image (epoch over 800 {mb * 800:.1f} s); one LAE epoch = {mb * 800 / (ma * 1000):.4f} "
           f"backbone passes; threads {args.threads}; rounds {args.rounds}")
+    out = {"backbone_s_per_image": ma, "lae_s_per_image": mb, "epoch_in_passes": mb * 800 / (ma * 1000),
+           "threads": args.threads, "rounds": args.rounds, "backbone_all": a, "lae_all": b}
+    (WORK / "accuracy" / "cost.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def collect(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
     return out
 
 
-def body(rows: list[dict], pass_s: float | None) -> str:
+def body(rows: list[dict], epoch_in_passes: float | None) -> str:
     data = collect(rows)
     parts = []
     for task, title in TASKS.items():
@@ -72,8 +72,8 @@ def body(rows: list[dict], pass_s: float | None) -> str:
             else:
                 secs, ep = np.mean([r["cost_s"] for r in rs]), np.mean([r["cost_epochs"] for r in rs])
                 cost = f"{ep:.1f} LAE epochs (x800 images), {secs:.0f} s"
-                if pass_s and task == "caltech101":
-                    cost += f" = {secs / pass_s:.2f} backbone passes"
+                if epoch_in_passes and task == "caltech101":
+                    cost += f" = {ep * epoch_in_passes:.2f} backbone passes"
             extra = ""
             if lever == "linear":
                 extra = " (C: " + ", ".join(f"{r['C']:g}" for r in rs) + ")"
@@ -95,11 +95,8 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="print instead of writing BENCHMARKS.md")
     args = ap.parse_args()
     rows = [json.loads(ln) for ln in Path(args.results).read_text().splitlines() if ln.strip()]
-    caches = WORK / "caches.json"
-    pass_s = None
-    if caches.is_file():
-        pass_s = json.loads(caches.read_text()).get("train800val200.txt:fp32", {}).get("compute_s")
-    text = body(rows, pass_s)
+    cost = WORK / "cost.json"  # written by accuracy_cost.py
+    text = body(rows, json.loads(cost.read_text())["epoch_in_passes"] if cost.is_file() else None)
     if args.notes:
         text += "\n\n" + Path(args.notes).read_text()
     if args.dry_run:
