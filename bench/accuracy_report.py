@@ -28,6 +28,9 @@ DESCRIBE = {
     "reg_tokdrop": "reg + token dropout (train only: keep cls + a random 50% of patch tokens per batch)",
     "reg_lrgrid": "reg with lr chosen on val per seed from {1e-3, 3e-3, 1e-2} (3 searches + 1 refit)",
     "reg_cls_lrgrid": "reg_cls with lr chosen on val per seed from {1e-3, 3e-3, 1e-2}",
+    "reg_cls_steps": "reg_cls with training length >= 500 optimiser steps (epochs, patience, warmup scaled by one "
+                     "factor; identical to reg_cls on Caltech-101)",
+    "reg_steps": "reg with training length >= 500 optimiser steps",
     "reg_kauto": "reg with k searched in {4, 8, 12} (pruned at margin 0.1 after 3 epochs)",
     "reg_cls_kauto": "reg_cls with k searched in {4, 8, 12} (pruned at margin 0.1 after 3 epochs)",
 }
