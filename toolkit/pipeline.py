@@ -172,6 +172,10 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
                  for d, r in rows.items()]
         log(f"epoch {epoch:3d}  " + "  ".join(parts))
 
+    if cls.closed_form_head and vx is not None and depths == [None]:
+        return _finish_probe(req, spec, classes, cls, plans[None], tx[None], vx[None], y_train, y_val, transforms[None],
+                             specs[None], splits, lists, build, cache_seconds, skipped, t_start, t_train, codec, log,
+                             cache_root)
     results = fit_candidates(models, tx, y_train, req.params, vx, y_val, transforms, on_epoch)
     # best val top-1; ties go to the shallower depth (fewer cloud blocks, less cloud compute per image)
     chosen = min(depths, key=lambda d: (-(results[d].best_val_top1 or 0.0), -1 if d is None else d))
@@ -200,7 +204,7 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
         "train_seconds": round(train_seconds, 3),
         "epochs_run": {str(d): r.epochs_run for d, r in results.items()},
         "k_search": search,
-        "images": {name: len(images) - int(len(images) - len(splits[name].valid()))
+        "images": {name: len(splits[name].valid())
                    for name, images in lists.items()},
         "skipped_images": skipped,
         "refit": req.refit,
@@ -223,6 +227,54 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
     )
     ckpt_dir = save_checkpoint(req.out / "checkpoint", config, final)
     report["checkpoint"] = str(ckpt_dir)
+    report["total_seconds"] = round(time.perf_counter() - t_start, 3)
+    return report
+
+
+def _finish_probe(req: TrainRequest, spec: Any, classes: tuple[str, ...], cls: Any, plan: CloudPlan,
+                  tx: InputRows, vx: InputRows, y_train: np.ndarray, y_val: np.ndarray, transforms: Any,
+                  codec_specs: dict[str, Any], splits: dict[str, CachedSplit], lists: dict[str, Any], build: Any,
+                  cache_seconds: float, skipped: int, t_start: float, t_train: float, codec: dict[str, Any] | None,
+                  log: Log, cache_root: Path) -> dict[str, Any]:
+    """The linear probe: a standardised logistic regression whose C is chosen on val (never test), folded into the
+    head on raw features, refit on train + val with `--refit`. A strong baseline, not an under-trained layer."""
+    from mist_kit.linear_probe import fit_linear_probe
+
+    (name,) = plan.names
+
+    def rows(x: InputRows) -> np.ndarray:
+        return x.batch(np.arange(len(x)), transforms)[name][:, 0]  # (N, D): the one cls token
+
+    res = fit_linear_probe(rows(tx), y_train, rows(vx), y_val, seed=req.params.seed, refit=req.refit,
+                           num_classes=len(classes))
+    log(f"linear probe: C={res.C:g} chosen on val (val top-1 {res.val_top1_by_C[res.C]:.3f})"
+        + ("; refit on train + val" if req.refit else ""))
+    final = build(None)
+    with torch.no_grad():
+        final.head.weight.copy_(torch.from_numpy(res.weight))
+        final.head.bias.copy_(torch.from_numpy(res.bias))
+    final.eval()
+    report: dict[str, Any] = {
+        "method": req.method, "k": None, "val_top1": res.val_top1_by_C[res.C],
+        "trainable_params": final.trainable_params(), "edge": final.cost().to_dict(),
+        "cache_seconds": round(cache_seconds, 3), "cache_bytes_per_image": splits["train"].bytes_per_image(),
+        "train_seconds": round(time.perf_counter() - t_train, 3), "epochs_run": {},
+        "k_search": {}, "probe": {"C": res.C, "val_top1_by_C": {f"{c:g}": v for c, v in res.val_top1_by_C.items()}},
+        "images": {n: len(splits[n].valid()) for n in lists}, "skipped_images": skipped, "refit": req.refit,
+        "codec": (codec or {}).get("name", "fp32"), "bytes_per_image": wire_bytes(plan, codec_specs,
+                                                                                    spec.num_prefix_tokens),
+    }
+    if "test" in splits:
+        x_test = splits["test"].inputs(plan_tensors(plan))
+        report["test_top1"] = top1(predict_logits(final, x_test, transforms), _labels(splits["test"]))
+    config = CheckpointConfig(
+        backbone=spec, method=MethodSpec(name=req.method, k=None, params=final.hparams()), classes=classes,
+        codecs=codec_specs,
+        training={**req.params.__dict__, "refit": req.refit, "train": str(Path(req.train).resolve()),
+                  "val": str(Path(req.val).resolve()) if req.val else None, "probe_C": res.C,
+                  "cache_dir": str(Path(cache_root).resolve()), "backbone_precision": req.backbone_precision},
+        metrics={k: report[k] for k in ("val_top1", "test_top1") if k in report}, version=__version__)
+    report["checkpoint"] = str(save_checkpoint(req.out / "checkpoint", config, final))
     report["total_seconds"] = round(time.perf_counter() - t_start, 3)
     return report
 

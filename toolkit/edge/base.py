@@ -32,6 +32,7 @@ class EdgeMethod(nn.Module):
     method_name: ClassVar[str] = ""
     depth_name: ClassVar[str] = "k"  # what `depth` means for this method, in messages and reports
     needs_backbone_init: ClassVar[bool] = False  # True: `init_from_backbone` must run before training
+    closed_form_head: ClassVar[bool] = False  # True: the trainer fits the head as a C-searched logistic regression
 
     def __init__(self, *, backbone: BackboneShape, depth: int | None, inputs: InputShapes, num_classes: int) -> None:
         super().__init__()

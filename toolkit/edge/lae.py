@@ -125,6 +125,8 @@ class LowRankAttentionEdge(EdgeMethod):
 class LinearProbe(EdgeMethod):
     """The paper's baseline: a linear classifier on the backbone's final-norm cls token (needs all N blocks)."""
 
+    closed_form_head = True  # with --val: standardised logistic regression, C chosen on val (toolkit/linear_probe)
+
     def __init__(self, *, backbone: BackboneShape, depth: int | None, inputs: InputShapes,
                  num_classes: int) -> None:
         super().__init__(backbone=backbone, depth=depth, inputs=inputs, num_classes=num_classes)
