@@ -17,11 +17,45 @@ from typing import Any
 
 import numpy as np
 
-from mist_kit.devices.caps import looks_like_oom
+from mist_kit.devices.caps import capped_threads, looks_like_oom
 from mist_kit.errors import DependencyError, InputError, MistError
 from mist_kit.runtime.bundle import EdgeBundle, open_edge_bundle
 
 EMBEDDING = "embedding"
+# onnxruntime fuses residual Add + LayerNormalization into SkipLayerNormalization; on the LAE's [T, D] rows that
+# fused kernel measured ~4.5x slower than Add + LayerNorm on x86 (issue 14, ORT profiler), so it stays off
+DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+
+
+def ort_options(threads: int = 1, graph_optimization: str = "all", cpu_mem_arena: bool = True) -> Any:
+    """onnxruntime SessionOptions for an edge graph: sequential, `threads` intra-op threads, no spinning at one
+    thread, and the fusions measured slow (`DISABLED_OPTIMIZERS`) turned off. Export-time latency probes and
+    `devices tune` use the same options as the device."""
+    import onnxruntime as ort
+
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.enable_cpu_mem_arena = cpu_mem_arena
+    opts.enable_mem_pattern = cpu_mem_arena
+    opts.graph_optimization_level = levels[graph_optimization]
+    opts.log_severity_level = 3
+    if threads == 1:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("optimization.disable_specified_optimizers", ",".join(DISABLED_OPTIMIZERS))
+    return opts
+
+
+def edge_ort_session(model: str | bytes, threads: int = 1) -> Any:
+    """A CPU session on an edge graph (file path or serialized model) with the device's options."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model, sess_options=ort_options(threads), providers=["CPUExecutionProvider"])
 
 
 @dataclass(frozen=True)
@@ -77,6 +111,7 @@ class EdgeSession:
     def __init__(self, bundle: EdgeBundle, settings: SessionSettings | None = None) -> None:
         self.settings = settings or SessionSettings()
         self.backend_note = ""
+        self.threads, self.threads_note = capped_threads(self.settings.threads)
         use_litert = self.settings.backend == "litert"
         if use_litert and not bundle.manifest["edge"].get("tflite"):
             use_litert, self.backend_note = False, "profile prefers LiteRT but the bundle has no edge.tflite"
@@ -94,20 +129,7 @@ class EdgeSession:
     def _ort_runner(self) -> Any:
         import onnxruntime as ort
 
-        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.settings.threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.enable_cpu_mem_arena = self.settings.cpu_mem_arena
-        opts.enable_mem_pattern = self.settings.cpu_mem_arena
-        opts.graph_optimization_level = levels[self.settings.graph_optimization]
-        opts.log_severity_level = 3
-        if self.settings.threads == 1:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts = ort_options(self.threads, self.settings.graph_optimization, self.settings.cpu_mem_arena)
         try:
             # onnxruntime print()s "EP Error ... Falling back" and retries on failure: keep stdout (--json) clean
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -132,7 +154,7 @@ class EdgeSession:
     def _litert_runner(self) -> Any:
         from ai_edge_litert.interpreter import Interpreter
 
-        interp = Interpreter(model_path=str(self.bundle.edge_path), num_threads=self.settings.threads)
+        interp = Interpreter(model_path=str(self.bundle.edge_path), num_threads=self.threads)
         details = interp.get_input_details()
         if len(details) != len(self.names):
             raise InputError(f"{self.bundle.edge_path}: {len(details)} inputs, manifest edge.inputs {self.names}")
@@ -175,10 +197,11 @@ class EdgeSession:
             yield self.embed(batch)
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.backend, "graph": self.bundle.edge_path.name, "threads": self.settings.threads,
+        return {"backend": self.backend, "graph": self.bundle.edge_path.name, "threads": self.threads,
                 "graph_optimization": self.settings.graph_optimization,
-                "cpu_mem_arena": self.settings.cpu_mem_arena, **({"backend_note": self.backend_note}
-                                                                 if self.backend_note else {})}
+                "cpu_mem_arena": self.settings.cpu_mem_arena, "disabled_optimizers": list(DISABLED_OPTIMIZERS),
+                **({"threads_note": self.threads_note} if self.threads_note else {}),
+                **({"backend_note": self.backend_note} if self.backend_note else {})}
 
 
 def require_litert() -> None:
