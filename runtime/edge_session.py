@@ -13,6 +13,7 @@ import importlib.util
 import io
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,6 +67,8 @@ class SessionSettings:
     graph_optimization: str = "all"  # disable | basic | extended | all
     cpu_mem_arena: bool = False
     backend: str = "onnxruntime"  # onnxruntime | litert
+    device: str | None = None  # the profile's name: whose `devices tune` record applies
+    use_tune: bool = True  # honour `<bundle>.tune.json` (devices tune) for the default graph
 
     def __post_init__(self) -> None:
         if self.threads < 1:
@@ -76,7 +79,7 @@ class SessionSettings:
     @classmethod
     def from_profile(cls, profile: Any, threads: int | None = None) -> SessionSettings:
         return cls(threads=threads or profile.threads, graph_optimization=profile.ort.graph_optimization,
-                   cpu_mem_arena=profile.ort.cpu_mem_arena, backend=profile.backend)
+                   cpu_mem_arena=profile.ort.cpu_mem_arena, backend=profile.backend, device=profile.name)
 
 
 def litert_available() -> bool:
@@ -112,7 +115,10 @@ class EdgeSession:
         self.settings = settings or SessionSettings()
         self.backend_note = ""
         self.threads, self.threads_note = capped_threads(self.settings.threads)
-        use_litert = self.settings.backend == "litert"
+        self.tune_note = ""
+        bundle, tuned = self._apply_tune(bundle)
+        # a tune record decides the engine (it timed them on this device); otherwise the profile's preference
+        use_litert = bundle.edge_path.suffix == ".tflite" if tuned else self.settings.backend == "litert"
         if use_litert and not bundle.manifest["edge"].get("tflite"):
             use_litert, self.backend_note = False, "profile prefers LiteRT but the bundle has no edge.tflite"
         elif use_litert and not litert_available():
@@ -125,6 +131,24 @@ class EdgeSession:
         self.backend = "litert" if use_litert else "onnxruntime"
         self.per_row = not use_litert and runs_per_row(bundle.manifest, bundle.edge_path.name)
         self._run = self._litert_runner() if use_litert else self._ort_runner()
+
+    def _apply_tune(self, bundle: EdgeBundle) -> tuple[EdgeBundle, bool]:
+        """Swap the default graph (edge.onnx) for the one `devices tune` measured fastest on this device."""
+        from mist_kit.devices.tune import tuned_choice
+
+        default = bundle.manifest["edge"].get("file") or "edge.onnx"
+        if not (self.settings.use_tune and self.settings.device) or bundle.edge_path.name != Path(default).name:
+            return bundle, False
+        rec = tuned_choice(bundle.root, bundle.manifest, self.settings.device)
+        if rec is None:
+            return bundle, False
+        ms = rec.get("ms_per_image", {})
+        timing = ", ".join(f"{v} {t:.3f} ms" for v, t in ms.items())
+        self.tune_note = f"devices tune chose {rec['file']} for {self.settings.device} ({timing} per image)"
+        if rec["variant"] == "tflite" and not litert_available():
+            self.tune_note += "; ai-edge-litert is not installed, so edge.onnx runs"
+            return bundle, True
+        return (bundle if rec["variant"] == "int8" else open_edge_bundle(bundle.root, variant=rec["variant"])), True
 
     def _ort_runner(self) -> Any:
         import onnxruntime as ort
@@ -201,6 +225,7 @@ class EdgeSession:
                 "graph_optimization": self.settings.graph_optimization,
                 "cpu_mem_arena": self.settings.cpu_mem_arena, "disabled_optimizers": list(DISABLED_OPTIMIZERS),
                 **({"threads_note": self.threads_note} if self.threads_note else {}),
+                **({"tune_note": self.tune_note} if self.tune_note else {}),
                 **({"backend_note": self.backend_note} if self.backend_note else {})}
 
 
