@@ -264,7 +264,8 @@ def _final_decisions(decisions: list[NodeDecision], spec: QuantSpec, gate: dict[
 def _prune_by_latency(fp32: onnx.ModelProto, current: Measurement, calib: Batches, ref_emb: np.ndarray,
                       held_out: Batches, head: Head, labels: np.ndarray | None, sample: dict[str, np.ndarray],
                       min_agreement: float, reasons: dict[str, str], log: Log, margin: float = 0.05) -> Measurement:
-    """Keep an int8 node in fp32 when the graph without it measures at least `margin` faster (interleaved medians);
+    """Keep an int8 node in fp32 when the graph without it measures at least `margin` faster in most interleaved
+    rounds (paired rounds: a load spike hits both graphs of a round, so one noisy round cannot flip a decision);
     the change is adopted only if the agreement gate still passes."""
     for name in [n for n in current.spec.nodes or () if n not in current.spec.exclude]:
         remaining = [n for n in current.spec.nodes or () if n not in current.spec.exclude and n != name]
@@ -272,19 +273,22 @@ def _prune_by_latency(fp32: onnx.ModelProto, current: Measurement, calib: Batche
             break  # the last int8 node: whether int8 pays at all is the device's call (`devices tune`)
         spec = current.spec.excluding((name,))
         model = quantize(fp32, spec, calib)
-        with_ms, without_ms = interleaved_latency([current.model, model], sample)  # type: ignore[list-item]
-        if without_ms < with_ms * (1 - margin):
+        with_r, without_r = interleaved_rounds([current.model, model], sample)  # type: ignore[list-item]
+        wins = sum(b < a * (1 - margin) for a, b in zip(with_r, without_r, strict=True))
+        with_ms, without_ms = float(np.median(with_r)), float(np.median(without_r))
+        if wins >= 0.75 * len(with_r) and without_ms < with_ms * (1 - margin):
             m = measure(model, spec, ref_emb, held_out, head, labels, sample)
             if m.agreement >= min_agreement:
-                reasons[name] = f"measured: graph {with_ms:.3f} ms/image with it int8, {without_ms:.3f} ms without"
+                reasons[name] = (f"measured: graph {with_ms:.3f} ms/image with it int8, {without_ms:.3f} ms without "
+                                 f"(faster without in {wins}/{len(with_r)} paired rounds)")
                 log(f"int8: keeping {name} in fp32 ({reasons[name]})")
                 current = m
     return current
 
 
-def interleaved_latency(models: list[onnx.ModelProto], sample: dict[str, np.ndarray], rounds: int = 9,
-                        repeats: int = 5) -> list[float]:
-    """Median batch-1 ms of each model, run A,B,A,B... so that host load hits every variant alike."""
+def interleaved_rounds(models: list[onnx.ModelProto], sample: dict[str, np.ndarray], rounds: int = 12,
+                       repeats: int = 5) -> list[list[float]]:
+    """Batch-1 ms per round of each model, run A,B,A,B... so that host load hits every variant alike."""
     sessions = [edge_ort_session(m.SerializeToString()) for m in models]
     feeds = [{i.name: sample[i.name][:1] for i in s.get_inputs()} for s in sessions]
     for s, x in zip(sessions, feeds, strict=True):
@@ -296,7 +300,7 @@ def interleaved_latency(models: list[onnx.ModelProto], sample: dict[str, np.ndar
             for _ in range(repeats):
                 s.run(None, x)
             t.append((time.perf_counter() - start) / repeats)
-    return [float(np.median(t) * 1000.0) for t in times]
+    return [[v * 1000.0 for v in t] for t in times]
 
 
 def current_batches(batches: Batches, limit: int) -> Iterable[dict[str, np.ndarray]]:
