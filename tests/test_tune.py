@@ -100,3 +100,16 @@ def test_cli_tune_json_and_corrupt_record(bundle_copy: Path) -> None:
     tune_path(bundle_copy).write_text("{not json")
     res = runner.invoke(app, ["devices", "tune", str(bundle_copy), "--device", "generic-x86", "--rounds", "1"])
     assert res.exit_code == 2 and "tune.json" in res.output and "Traceback" not in res.output
+
+
+def test_manifest_records_each_nodes_int8_decision(tiny_bundle: Path) -> None:
+    import onnx
+
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    q = manifest["edge"]["quantization"]
+    fp32 = onnx.load(str(tiny_bundle / manifest["edge"]["reference"]))
+    matmuls = {n.name for n in fp32.graph.node if n.op_type in q["op_types"]}  # the codec decoder has none
+    recorded = {n["node"]: n for n in q["nodes"]}
+    assert set(recorded) == matmuls and all(n["why"] for n in recorded.values())
+    int8 = sorted(n for n, d in recorded.items() if d["int8"])
+    assert int8 and (q["quantized_nodes"] is None or sorted(q["quantized_nodes"]) == int8)
