@@ -59,6 +59,7 @@ class QuantSpec:
     op_types: tuple[str, ...] = DEFAULT_OP_TYPES
     reduce_range: bool = False
     exclude: tuple[str, ...] = field(default_factory=tuple)  # node names kept in fp32 (accuracy fallback)
+    nodes: tuple[str, ...] | None = None  # only these nodes may be int8 (None: every node of op_types)
 
     def __post_init__(self) -> None:
         if self.mode is QuantMode.DYNAMIC and (self.fmt is not None or self.calib is not None):
@@ -71,6 +72,8 @@ class QuantSpec:
             raise UsageError(f"quantization {self.name!r}: percentile {self.percentile} is outside (90, 100]")
         if not self.op_types:
             raise UsageError(f"quantization {self.name!r}: op_types is empty; e.g. MatMul,Gemm")
+        if self.nodes is not None and not self.nodes:  # onnxruntime reads an empty list as "every node"
+            raise UsageError(f"quantization {self.name!r}: the node list is empty; leave it unset to quantize all")
 
     def excluding(self, nodes: tuple[str, ...]) -> QuantSpec:
         """The same recipe with `nodes` kept in fp32."""
@@ -82,7 +85,8 @@ class QuantSpec:
                 "calibration": self.calib.value if self.calib else None,
                 "percentile": self.percentile if self.calib is CalibMethod.PERCENTILE else None,
                 "op_types": list(self.op_types), "reduce_range": self.reduce_range,
-                "excluded_nodes": list(self.exclude)}
+                "excluded_nodes": list(self.exclude),
+                "quantized_nodes": None if self.nodes is None else [n for n in self.nodes if n not in self.exclude]}
 
 
 # Named recipes `--mode` accepts. `auto` (the default) measures the CANDIDATES on held-out real features and keeps

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import os
 import platform
 import resource
 from collections.abc import Iterator
@@ -80,6 +81,23 @@ class Emulation:
                 "not speed (timings are this host's)")
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: containers and taskset shrink it below os.cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def capped_threads(wanted: int, cores: int | None = None) -> tuple[int, str]:
+    """A profile's thread count is a maximum: more intra-op threads than usable cores oversubscribe them (rpi4's 4
+    threads on a 2-core host ran 10x slower than 1). Returns (threads, note; empty when nothing was capped)."""
+    cores = usable_cores() if cores is None else cores
+    if wanted <= cores:
+        return wanted, ""
+    return cores, f"threads capped at {cores} (the cores this process may use), profile asks {wanted}"
+
+
 def _limit_malloc_arenas(count: int = 2) -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -106,7 +124,7 @@ def device_caps(profile: DeviceProfile, memory_cap_mb: int | None = None,
     """
     cap = (memory_cap_mb or profile.budget_mb) if apply_cap else None
     emu = Emulation(device=profile.name, host_arch=host_arch(), native=host_arch() == profile.arch,
-                    memory_cap_mb=cap, threads=profile.threads)
+                    memory_cap_mb=cap, threads=capped_threads(profile.threads)[0])
     if cap is None:
         yield emu
         return

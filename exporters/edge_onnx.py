@@ -23,16 +23,23 @@ EDGE_MAX_ABS = 1e-4  # fp32 edge graph vs torch embed(); LayerNorm-bounded value
 
 
 class _Embed(nn.Module):
-    """Wraps `EdgeMethod.embed` as a module of positional tensors (the plan's order) so the exporter traces embed
-    only, never the head."""
+    """Wraps an `embed` (the method's, or its restructured inference module's) as a module of positional tensors
+    (the plan's order) so the exporter traces embed only, never the head."""
 
     def __init__(self, method: EdgeMethod) -> None:
         super().__init__()
-        self.method = method
         self.names = list(method.input_shapes)
+        self.inner = inference_module(method)
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return self.method.embed(dict(zip(self.names, tensors, strict=True)))  # {name: (B, T, D)} -> (B, E)
+        return self.inner.embed(dict(zip(self.names, tensors, strict=True)))  # {name: (B, T, D)} -> (B, E)
+
+
+def inference_module(method: EdgeMethod) -> nn.Module:
+    """What the edge graph is exported from: a method's `inference_module()` (the same function restructured for
+    inference: fused projections, no work on tokens the pooling never reads) when it has one, else the method."""
+    build = getattr(method, "inference_module", None)
+    return (build() if callable(build) else method).eval()
 
 
 def export_edge(method: EdgeMethod, opset: int = OPSET) -> onnx.ModelProto:

@@ -275,4 +275,4 @@ def _manifest_quant(q: dict[str, Any]) -> dict[str, Any]:
     c = q["chosen"]
     return {**c["mode"], "int8_ops": c["int8_ops"], "runtime_int8_ops": c["runtime_int8_ops"],
             "agreement": c["agreement"], "embedding_sqnr_db": c["embedding_sqnr_db"],
-            "min_agreement": q["min_agreement"]}
+            "min_agreement": q["min_agreement"], "nodes": c.get("nodes", [])}

@@ -13,15 +13,29 @@ import importlib.util
 import io
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mist_kit.devices.caps import looks_like_oom
+from mist_kit.devices.caps import capped_threads, looks_like_oom
 from mist_kit.errors import DependencyError, InputError, MistError
 from mist_kit.runtime.bundle import EdgeBundle, open_edge_bundle
+from mist_kit.runtime.ort_session import DISABLED_OPTIMIZERS, cpu_session, session_options
 
 EMBEDDING = "embedding"
+# onnxruntime fuses residual Add + LayerNormalization into SkipLayerNormalization; on the LAE's [T, D] rows that
+# fused kernel measured ~4.5x slower than Add + LayerNorm on x86 (issue 14, ORT profiler), so it stays off
+def ort_options(threads: int = 1, graph_optimization: str = "all", cpu_mem_arena: bool = True) -> Any:
+    """onnxruntime SessionOptions for an edge graph: the one factory's (`runtime.ort_session`), with the fusions
+    measured slow (`DISABLED_OPTIMIZERS`) turned off. Export-time latency probes and `devices tune` use the same
+    options as the device."""
+    return session_options(threads, optimization=graph_optimization, mem_arena=cpu_mem_arena)
+
+
+def edge_ort_session(model: str | bytes, threads: int = 1) -> Any:
+    """A CPU session on an edge graph (file path or serialized model) with the device's options."""
+    return cpu_session(model, threads)
 
 
 @dataclass(frozen=True)
@@ -32,6 +46,8 @@ class SessionSettings:
     graph_optimization: str = "all"  # disable | basic | extended | all
     cpu_mem_arena: bool = False
     backend: str = "onnxruntime"  # onnxruntime | litert
+    device: str | None = None  # the profile's name: whose `devices tune` record applies
+    use_tune: bool = True  # honour `<bundle>.tune.json` (devices tune) for the default graph
 
     def __post_init__(self) -> None:
         if self.threads < 1:
@@ -42,7 +58,7 @@ class SessionSettings:
     @classmethod
     def from_profile(cls, profile: Any, threads: int | None = None) -> SessionSettings:
         return cls(threads=threads or profile.threads, graph_optimization=profile.ort.graph_optimization,
-                   cpu_mem_arena=profile.ort.cpu_mem_arena, backend=profile.backend)
+                   cpu_mem_arena=profile.ort.cpu_mem_arena, backend=profile.backend, device=profile.name)
 
 
 def litert_available() -> bool:
@@ -77,7 +93,11 @@ class EdgeSession:
     def __init__(self, bundle: EdgeBundle, settings: SessionSettings | None = None) -> None:
         self.settings = settings or SessionSettings()
         self.backend_note = ""
-        use_litert = self.settings.backend == "litert"
+        self.threads, self.threads_note = capped_threads(self.settings.threads)
+        self.tune_note = ""
+        bundle, tuned = self._apply_tune(bundle)
+        # a tune record decides the engine (it timed them on this device); otherwise the profile's preference
+        use_litert = bundle.edge_path.suffix == ".tflite" if tuned else self.settings.backend == "litert"
         if use_litert and not bundle.manifest["edge"].get("tflite"):
             use_litert, self.backend_note = False, "profile prefers LiteRT but the bundle has no edge.tflite"
         elif use_litert and not litert_available():
@@ -91,13 +111,30 @@ class EdgeSession:
         self.per_row = not use_litert and runs_per_row(bundle.manifest, bundle.edge_path.name)
         self._run = self._litert_runner() if use_litert else self._ort_runner()
 
+    def _apply_tune(self, bundle: EdgeBundle) -> tuple[EdgeBundle, bool]:
+        """Swap the default graph (edge.onnx) for the one `devices tune` measured fastest on this device."""
+        from mist_kit.devices.tune import tuned_choice
+
+        default = bundle.manifest["edge"].get("file") or "edge.onnx"
+        if not (self.settings.use_tune and self.settings.device) or bundle.edge_path.name != Path(default).name:
+            return bundle, False
+        rec = tuned_choice(bundle.root, bundle.manifest, self.settings.device)
+        if rec is None:
+            return bundle, False
+        ms = rec.get("ms_per_image", {})
+        timing = ", ".join(f"{v} {t:.3f} ms" for v, t in ms.items())
+        self.tune_note = f"devices tune chose {rec['file']} for {self.settings.device} ({timing} per image)"
+        if rec["variant"] == "tflite" and not litert_available():
+            self.tune_note += "; ai-edge-litert is not installed, so edge.onnx runs"
+            return bundle, True
+        return (bundle if rec["variant"] == "int8" else open_edge_bundle(bundle.root, variant=rec["variant"])), True
+
     def _ort_runner(self) -> Any:
 
-        from mist_kit.runtime.ort_session import cpu_session
 
         try:
             with contextlib.redirect_stderr(io.StringIO()):
-                sess = cpu_session(self.bundle.edge_path, self.settings.threads,
+                sess = cpu_session(self.bundle.edge_path, self.threads,
                                    optimization=self.settings.graph_optimization,
                                    mem_arena=self.settings.cpu_mem_arena)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
@@ -119,7 +156,7 @@ class EdgeSession:
     def _litert_runner(self) -> Any:
         from ai_edge_litert.interpreter import Interpreter
 
-        interp = Interpreter(model_path=str(self.bundle.edge_path), num_threads=self.settings.threads)
+        interp = Interpreter(model_path=str(self.bundle.edge_path), num_threads=self.threads)
         details = interp.get_input_details()
         if len(details) != len(self.names):
             raise InputError(f"{self.bundle.edge_path}: {len(details)} inputs, manifest edge.inputs {self.names}")
@@ -162,10 +199,12 @@ class EdgeSession:
             yield self.embed(batch)
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.backend, "graph": self.bundle.edge_path.name, "threads": self.settings.threads,
+        return {"backend": self.backend, "graph": self.bundle.edge_path.name, "threads": self.threads,
                 "graph_optimization": self.settings.graph_optimization,
-                "cpu_mem_arena": self.settings.cpu_mem_arena, **({"backend_note": self.backend_note}
-                                                                 if self.backend_note else {})}
+                "cpu_mem_arena": self.settings.cpu_mem_arena, "disabled_optimizers": list(DISABLED_OPTIMIZERS),
+                **({"threads_note": self.threads_note} if self.threads_note else {}),
+                **({"tune_note": self.tune_note} if self.tune_note else {}),
+                **({"backend_note": self.backend_note} if self.backend_note else {})}
 
 
 def require_litert() -> None:

@@ -16,6 +16,9 @@ from typing import Any
 from mist_kit.errors import DependencyError
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
+# Fusions measured slower than what they replace on CPU: SkipLayerNormalization (residual Add + LayerNorm in one
+# node) took ~500 us against ~110 us for Add + LayerNorm on the MIST edge graph (BENCHMARKS.md, speed section).
+DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
 def session_options(threads: int = 1, *, optimization: str = "all", mem_arena: bool = True,
@@ -39,6 +42,7 @@ def session_options(threads: int = 1, *, optimization: str = "all", mem_arena: b
     opts.log_severity_level = 3
     if opts.intra_op_num_threads == 1:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("optimization.disable_specified_optimizers", ",".join(DISABLED_OPTIMIZERS))
     if optimized_model_path is not None:
         opts.optimized_model_filepath = optimized_model_path
     return opts

@@ -61,12 +61,12 @@ def test_lae_macs_match_torch_flop_counter() -> None:
 
     model = _mist().eval()
     x = _inputs_for(model, 1, seed=0)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():  # the exported structure: explicit matmuls
+        model.head(model.inference_module().embed(x))  # (the counter does not see SDPA's CPU kernel)
     assert counter.get_total_flops() == 2 * model.macs_per_image()  # matmul FLOPs = 2 x multiply-accumulates
     # ViT-B scale: DESIGN.md's "~0.09 G" per image is FLOPs: 2 x 43.8M multiply-accumulates
     big = _mist(768, 197, 100)
-    assert 0.08e9 < 2 * big.macs_per_image() < 0.10e9
+    assert 0.07e9 < 2 * big.macs_per_image() < 0.10e9  # 75 M: the cls-only last block saves 6 M of 44 M
 
 
 def test_lae_on_pooled_tokens_counts_what_it_receives() -> None:
@@ -74,7 +74,9 @@ def test_lae_on_pooled_tokens_counts_what_it_receives() -> None:
     full = _mist(64, 17, 10)
     pooled = create_edge_method("mist", backbone=_shape(64, 17), depth=3, num_classes=10, inputs={"gather": (5, 64)})
     r, d = 16, 64
-    hand = 4 * (3 * 5 * d * r + 2 * 5 * 5 * r + 5 * r * d) + d * 10  # 4 blocks on T' = 5 tokens, then the head
+    full_block = 3 * 5 * d * r + 2 * 5 * 5 * r + 5 * r * d  # on T' = 5 tokens
+    cls_block = 2 * 5 * d * r + d * r + 2 * 5 * r + r * d  # the last block answers the cls row only
+    hand = 3 * full_block + cls_block + d * 10  # then the head
     assert pooled.macs_per_image() == hand < full.macs_per_image()
 
 

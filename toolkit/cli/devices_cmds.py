@@ -78,3 +78,32 @@ def check_cmd(bundle: Annotated[Path, typer.Argument(help="Bundle directory (mis
             typer.echo(f"{key:26s} {value}")
     if not report["fits"]:
         raise typer.Exit(1)
+
+
+@devices_app.command("tune")
+@cli_errors
+def tune_cmd(bundle: Annotated[Path, typer.Argument(help="Bundle directory (mist-kit export output)")],
+             device: Annotated[str, typer.Option("--device", help="Device name (this machine's profile)")],
+             features: Annotated[Path | None, typer.Option(
+                 "--features", help="Features file (extract output) to time on and to measure agreement with; "
+                                    "else seeded inputs and the agreement export recorded")] = None,
+             rounds: Annotated[int, typer.Option("--rounds", help="Interleaved timing rounds", min=1)] = 9,
+             memory: Annotated[int | None, typer.Option("--memory", help="RAM in MB (another variant)")] = None,
+             json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout")] = False) -> None:
+    """Time the bundle's edge graphs (int8, fp32, LiteRT) here with the profile's threads; record the fastest that
+    passes the agreement gate in `<bundle>.tune.json`, which run-edge and finetune-edge then use."""
+    from mist_kit.devices import get_device
+    from mist_kit.devices.tune import tune
+
+    report = tune(bundle, get_device(device, memory), features=features, rounds=rounds)
+    if json_out:
+        print_json(report)
+        return
+    for variant, ms in report["ms_per_image"].items():
+        mark = "  <- chosen" if variant == report["chosen"] else ""
+        typer.echo(f"{variant:8s} {ms:8.3f} ms/image  agreement {report['agreement'][variant]:.4f}{mark}")
+    for variant, why in report["skipped"].items():
+        typer.echo(f"{variant:8s} skipped: {why}")
+    if report.get("threads_note"):
+        typer.echo(report["threads_note"])
+    typer.echo(f"recorded {report['file']} for {report['device']} in {report['record']}")

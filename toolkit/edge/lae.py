@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from mist_kit.edge.base import EdgeMethod, InputShapes
 from mist_kit.edge.registry import register_edge_method
@@ -24,7 +25,13 @@ CLS = "cls"  # the linear probe's one sent tensor: the final-norm cls token, [1,
 
 
 class LowRankAttentionBlock(nn.Module):
-    """One residual low-rank attention block (single head of width r)."""
+    """One residual low-rank attention block (single head of width r).
+
+    The parameters stay three Linears (q, k, v: checkpoint keys `blocks.i.q.weight`...); `forward` concatenates
+    them into one D -> 3r product (one GEMM instead of three) and runs `F.scaled_dot_product_attention`.
+    `queries` restricts the rows that are answered (keys and values still cover every token): the last block of a
+    cls-pooled LAE only has to answer the cls row.
+    """
 
     def __init__(self, dim: int, rank: int) -> None:
         super().__init__()
@@ -33,15 +40,29 @@ class LowRankAttentionBlock(nn.Module):
         self.k = nn.Linear(dim, rank)
         self.v = nn.Linear(dim, rank)
         self.o = nn.Linear(rank, dim)
+        self.rank = rank
         self.scale = 1.0 / math.sqrt(rank)
         nn.init.zeros_(self.o.weight)  # each block starts as the identity: training begins from the gather itself
         nn.init.zeros_(self.o.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The three projections as one: weight (3r, D), bias (3r,), rows q | k | v."""
+        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        return weight, bias
+
+    def forward(self, x: torch.Tensor, queries: slice | None = None) -> torch.Tensor:
         h = self.norm(x)  # (B, T, D)
-        q, k, v = self.q(h), self.k(h), self.v(h)  # (B, T, r) each
-        attn = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)  # (B, T, T)
-        return x + self.o(attn @ v)  # (B, T, D)
+        weight, bias = self.fused_qkv()
+        r = self.rank
+        if queries is None:
+            q, k, v = F.linear(h, weight, bias).split(r, dim=-1)  # (B, T, r) each
+        else:  # only the asked rows need a query and a residual; keys and values still span every token
+            k, v = F.linear(h, weight[r:], bias[r:]).split(r, dim=-1)  # (B, T, r) each
+            x = x[:, queries]  # (B, Q, D)
+            q = F.linear(h[:, queries], weight[:r], bias[:r])  # (B, Q, r)
+        mixed = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # softmax(q k^T / sqrt(r)) v: (B, Q, r)
+        return x + self.o(mixed)  # (B, Q, D)
 
 
 @register_edge_method("mist")
@@ -97,28 +118,129 @@ class LowRankAttentionEdge(EdgeMethod):
 
     def embed(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         x = inputs[GATHER]  # (B, T, D)
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x = block(x)
+        # no work on tokens the pooling never reads: the last block answers only the pooled rows, the final norm
+        # runs on those rows only (equal to the reference formula: tests/test_speed_lae.py)
+        x = self.blocks[-1](x, queries=self.pooled_rows())  # (B, Q, D)
         x = self.norm(x)
-        if self.pool == "cls":
-            pooled = x[:, 0]  # (B, D)
-        else:
-            pooled = x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, D)
+        pooled = x[:, 0] if self.pool == "cls" else x.mean(dim=1)  # (B, D)
         return self.drop(pooled)
+
+    def pooled_rows(self) -> slice:
+        """The token rows the pooling reads: the cls token, or every patch token (prefix tokens excluded)."""
+        return slice(0, 1) if self.pool == "cls" else slice(self.num_prefix_tokens, None)
+
+    def inference_module(self) -> nn.Module:
+        """The restructured module the edge graph is exported from (see `LaeInference`)."""
+        return LaeInference(self)
 
     def hparams(self) -> dict[str, Any]:
         return {"rank": self.rank, "depth_blocks": self.depth_blocks, "pool": self.pool, "dropout": self.dropout_p}
 
     def macs_per_image(self) -> int:
+        """Multiply-accumulates of what `embed` computes: full blocks, then a last block answering Q rows."""
         t, d, r = self.num_tokens, self.embed_dim, self.rank
+        rows = self.pooled_rows()
+        q = len(range(t)[rows])
         per_block = 3 * t * d * r + 2 * t * t * r + t * r * d  # q,k,v projections; scores and mix; output
-        return self.depth_blocks * per_block + d * self.num_classes
+        last = 2 * t * d * r + q * d * r + 2 * q * t * r + q * r * d  # k,v on all tokens; q, scores, mix, output on Q
+        return (self.depth_blocks - 1) * per_block + last + d * self.num_classes
 
     def activation_bytes(self) -> int:
         """Live float32 tensors at the peak of one block: decoded tokens, residual stream, LayerNorm output,
         block output and new residual (5 x T x D), q/k/v/mix (4 x T x r), scores + softmax (2 x T x T)."""
         t, d, r = self.num_tokens, self.embed_dim, self.rank
         return 4 * (t * d * 5 + 4 * t * r + 2 * t * t)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    return layer
+
+
+class _InferenceBlock(nn.Module):
+    """One LAE block as the edge graph runs it: one fused projection, softmax scale folded into the q rows, and
+    explicit MatMul/Softmax (what onnxruntime runs fastest and what the int8 selection can name)."""
+
+    def __init__(self, block: LowRankAttentionBlock, queries: slice | None) -> None:
+        super().__init__()
+        r = block.rank
+        weight, bias = (t.detach().clone() for t in block.fused_qkv())
+        weight[:r] *= block.scale  # (s W) h + s b = s (W h + b): exact for r = 16 (s = 1/4)
+        bias[:r] *= block.scale
+        self.rank, self.queries = r, queries
+        self.norm = nn.LayerNorm(block.norm.normalized_shape, eps=block.norm.eps)
+        self.norm.load_state_dict(block.norm.state_dict())
+        if queries is None:
+            self.qkv = _linear(weight, bias)  # D -> 3r, one GEMM
+        else:
+            self.kv = _linear(weight[r:], bias[r:])  # D -> 2r on every token
+            self.q = _linear(weight[:r], bias[:r])  # D -> r on the answered rows only
+        self.o = _linear(block.o.weight.detach(), block.o.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)  # (B, T, D)
+        if self.queries is None:
+            q, k, v = self.qkv(h).split(self.rank, dim=-1)  # (B, T, r) each, q already scaled
+        else:
+            k, v = self.kv(h).split(self.rank, dim=-1)  # (B, T, r)
+            x = x[:, self.queries]  # (B, Q, D)
+            q = self.q(h[:, self.queries])  # (B, Q, r)
+        attn = torch.softmax(q @ k.transpose(-2, -1), dim=-1)  # (B, Q, T)
+        return x + self.o(attn @ v)  # (B, Q, D)
+
+
+class LaeInference(nn.Module):
+    """The trained LAE restructured for inference (what `exporters.edge_onnx` exports); same function.
+
+    Built from a `LowRankAttentionEdge`, which keeps its own parameters and checkpoint keys. Differences from the
+    training module, all exact in real arithmetic: q|k|v fused into one D -> 3r MatMul; 1/sqrt(r) folded into the
+    q weights; the last block answers only the rows the pooling reads (cls: one row; mean: the patch tokens); the
+    final LayerNorm runs only on those rows. For `mean` the final norm is per token and nonlinear, so pooling can
+    not move before the last block's output projection; only the norm's affine moves after the mean
+    (mean_t(g * n_t + b) = g * mean_t(n_t) + b).
+    """
+
+    def __init__(self, lae: LowRankAttentionEdge) -> None:
+        super().__init__()
+        self.input_shapes = dict(lae.input_shapes)
+        self.pool = lae.pool
+        rows = lae.pooled_rows()
+        self.blocks = nn.ModuleList([*(_InferenceBlock(b, None) for b in lae.blocks[:-1]),
+                                     _InferenceBlock(lae.blocks[-1], rows)])
+        self.dim, self.eps = lae.embed_dim, lae.norm.eps
+        self.register_buffer("norm_weight", lae.norm.weight.detach().clone())
+        self.register_buffer("norm_bias", lae.norm.bias.detach().clone())
+
+    def embed(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        x = inputs[GATHER]  # (B, T, D)
+        for block in self.blocks:
+            x = block(x)  # last block: (B, Q, D)
+        if self.pool == "cls":
+            return F.layer_norm(x[:, 0], (self.dim,), self.norm_weight, self.norm_bias, self.eps)  # (B, D)
+        n = F.layer_norm(x, (self.dim,), None, None, self.eps).mean(dim=1)  # (B, D)
+        return n * self.norm_weight + self.norm_bias
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.embed(inputs)
+
+
+def reference_embed(lae: LowRankAttentionEdge, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The LAE formula exactly as the module docstring writes it (every token through every block, three separate
+    projections, then the final norm on every token): the ground truth the restructured paths are tested against
+    and the "old structure" of bench/speed_edge.py."""
+    x = inputs[GATHER]
+    for b in lae.blocks:
+        h = b.norm(x)
+        q, k, v = b.q(h), b.k(h), b.v(h)
+        attn = torch.softmax((q @ k.transpose(-2, -1)) * b.scale, dim=-1)
+        x = x + b.o(attn @ v)
+    x = lae.norm(x)
+    return x[:, 0] if lae.pool == "cls" else x[:, lae.num_prefix_tokens:].mean(dim=1)
 
 
 @register_edge_method("linear")
