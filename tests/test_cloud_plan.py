@@ -138,8 +138,10 @@ def test_devices_check_uses_the_methods_own_macs_on_a_pooled_codec(tiny_checkpoi
     assert export_bundle(report["checkpoint"], tmp_path / "b", quantize=Precision.NONE, log=lambda _m: None).ok
     res = runner.invoke(app, ["devices", "check", str(tmp_path / "b"), "--device", "rpi4", "--json"])
     assert res.exit_code == 0, res.stderr
-    t, d, r, c = 2, 64, 16, 10
-    hand = 4 * (3 * t * d * r + 2 * t * t * r + t * r * d) + d * c
+    t, d, r, c, q = 2, 64, 16, 10, 1  # the last block answers the cls row only (q = 1)
+    full = 3 * t * d * r + 2 * t * t * r + t * r * d
+    last = 2 * t * d * r + q * d * r + 2 * q * t * r + q * r * d
+    hand = 3 * full + last + d * c
     assert json.loads(res.stdout)["edge_macs_per_image"] == hand
 
 
