@@ -8,7 +8,7 @@ round trip of its test tensors, not retrained), chosen K_t, bytes per image (fp3
 MACs, ms per image of the exported edge graph (onnxruntime, 1 thread, batch 1, fp32 vs int8, interleaved, median),
 seconds per training epoch from the cache (interleaved with a MIST k=12 epoch), and `devices check` on rpi-zero-2w,
 rpi4 and rpi5 at every memory variant (fresh torch-free process). Writes bench/work/caltech/vitsplit.json and
-bench/work/caltech/vitsplit.md (the BENCHMARKS.md section).
+prints the BENCHMARKS.md section with `--render`.
 
     nice -n 10 .venv/bin/python bench/vitsplit_caltech.py [--methods vitsplit-lite,linear] [--epochs 20]
 """
@@ -215,6 +215,46 @@ def epoch_seconds(args: argparse.Namespace, methods: list[str], reports: dict, r
     return {m: round(statistics.median(v), 2) for m, v in times.items()}
 
 
+def epoch_equivalents(rep: dict) -> float | None:
+    """Training epochs over 800 images in the run: every candidate's epochs, plus the refit's (1000 images);
+    None without a depth search (its best epoch is not reported)."""
+    if not rep.get("k_search"):
+        return None
+    search = sum(int(v) for v in rep["epochs_run"].values())
+    return search + 1.25 * max(1, int(rep["k_search"][str(rep["k"])]["best_epoch"]))
+
+
+def render(results: dict, command: str) -> str:
+    """The BENCHMARKS.md section (markdown) from the results JSON."""
+    rows = []
+    for m in ("vitsplit", "vitsplit-lite", "mist", "linear"):
+        r = results.get(m)
+        if not r:
+            continue
+        ms = r.get("edge_ms_1thread", {})
+        kt = "n/a" if r["k"] is None or m in ("mist", "linear") else f"{12 - r['k']} (split {r['k']})"
+        eq = r.get("epoch_equivalents")
+        rows.append([m, f"{100 * r['test_top1']:.2f}", f"{100 * r['int8_channel']['test_top1']:.2f}",
+                     f"{100 * r['val_top1']:.2f}" if r.get("val_top1") is not None else "n/a", kt,
+                     f"{r['bytes_per_image']:,}", f"{r['int8_channel']['bytes_per_image']:,}",
+                     f"{r['edge']['params']:,}", f"{r['edge']['macs_per_image'] / 1e6:.1f}",
+                     ms.get("fp32", "n/a"), ms.get("int8", "n/a"),
+                     f"{r['train_seconds'] / eq:.1f}" if eq else "n/a", f"{r['train_seconds']:.0f}"])
+    head = ["method", "test top-1 % (fp32 tensors)", "test top-1 % (int8-channel, not retrained)", "val top-1 %",
+            "K_t", "bytes/img fp32", "bytes/img int8-channel", "edge params", "edge MMAC/img",
+            "edge ms fp32 (ORT, 1 thread)", "edge ms int8", "s per cached epoch (800 img)", "train s (search + refit)"]
+    table = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
+                       ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+    dev = []
+    for m in ("vitsplit", "vitsplit-lite"):
+        for name, d in (results.get(m) or {}).get("devices", {}).items():
+            dev.append(f"{m} on {name}: " + (f"{'fits' if d['fits'] else 'does not fit'} (measured peak "
+                                             f"{d['peak_rss_mb_measured']} MB of {d['budget_mb']} MB)"
+                                             if "fits" in d else d.get("error", "?")))
+    return (f"Command: `{command}`\n\nLoad: {results.get('uptime_start')} (start), {results.get('uptime_end')} "
+            f"(end)\n\n{table}\n\n" + "\n".join(f"- {x}" for x in dev) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="vitsplit-lite,linear")
@@ -223,11 +263,20 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=WORK / "caltech")
     ap.add_argument("--weights", type=Path, default=WORK / "dinov2_vits14.safetensors")
     ap.add_argument("--epoch-timing", default="vitsplit-lite,mist", help="methods whose cached epoch is timed")
+    ap.add_argument("--render", action="store_true", help="only print the markdown of an earlier run's results")
     args = ap.parse_args()
+    if args.render:
+        results = json.loads((args.work / "vitsplit.json").read_text())
+        for r in results.values():
+            if isinstance(r, dict) and "epochs_run" in r:
+                r["epoch_equivalents"] = epoch_equivalents(r)
+        print(render(results, results.get("command", "")))
+        return
     if not args.weights.is_file():
         subprocess.run([sys.executable, str(ROOT.parent.parent / "shared" / "tools" / "dinov2_small_weights.py"),
                         str(args.weights)], check=True)
-    results: dict = {"uptime_start": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
+    results: dict = {"command": "nice -n 10 .venv/bin/python bench/vitsplit_caltech.py " + " ".join(sys.argv[1:]),
+                     "uptime_start": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
     reports = {}
     for m in args.methods.split(","):
         rep = reports[m] = train(m, args)
