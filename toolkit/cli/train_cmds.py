@@ -42,7 +42,7 @@ def train(
     method: Annotated[str, typer.Option(help="Edge method: mist | linear")] = "mist",
     k: Annotated[str, typer.Option(help="'auto' (choose on --val) or a fixed gather depth")] = "auto",
     ks: Annotated[str | None, typer.Option(help="Candidate ks for auto, e.g. 4,8,12 (default N/3,2N/3,N)")] = None,
-    pool: Annotated[str, typer.Option(help="mist pooling: cls | mean")] = "cls",
+    pool: Annotated[str, typer.Option(help="mist / vitsplit pooling: cls | mean")] = "cls",
     rank: Annotated[int, typer.Option(help="mist attention rank r")] = 16,
     epochs: Annotated[int, typer.Option(help="Maximum epochs")] = 30,
     batch_size: Annotated[int, typer.Option(help="Training batch size")] = 32,
@@ -53,7 +53,7 @@ def train(
     prune_margin: Annotated[float | None, typer.Option(
         help="k search: stop a candidate whose val top-1 trails the best by more than this (e.g. 0.1)")] = None,
     prune_after: Annotated[int, typer.Option(help="k search: epochs before --prune-margin applies")] = 3,
-    dropout: Annotated[float, typer.Option(help="mist dropout on the pooled embedding")] = 0.0,
+    dropout: Annotated[float, typer.Option(help="mist / vitsplit dropout on the pooled embedding")] = 0.0,
     refit: Annotated[bool, typer.Option("--refit", help="Retrain the chosen k on train + val")] = False,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root (default OUT/cache)")] = None,
@@ -85,6 +85,8 @@ def train(
     method_params: dict = {}
     if get_edge_method(method).method_name == "mist":
         method_params = {"rank": rank, "pool": pool, "dropout": dropout}
+    elif get_edge_method(method).method_name in ("vitsplit", "vitsplit-lite"):
+        method_params = {"pool": pool, "dropout": dropout}
     req = TrainRequest(
         backbone=backbone, train=train, val=val, test=test, out=out,
         weights=str(weights) if weights else None, pretrained=pretrained, img_size=img_size,

@@ -3,6 +3,7 @@
 from mist_kit.edge.base import EdgeMethod
 from mist_kit.edge.lae import LinearProbe, LowRankAttentionEdge
 from mist_kit.edge.registry import create_edge_method, get_edge_method, list_edge_methods, register_edge_method
+from mist_kit.edge.vitsplit import ViTSplitEdge, ViTSplitLiteEdge  # noqa: F401 - registers vitsplit, vitsplit-lite
 
 __all__ = [
     "EdgeMethod",
