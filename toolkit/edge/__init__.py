@@ -2,12 +2,14 @@
 
 from mist_kit.edge.base import EdgeMethod
 from mist_kit.edge.lae import LinearProbe, LowRankAttentionEdge
+from mist_kit.edge.losa import LowRankSideNetwork
 from mist_kit.edge.registry import create_edge_method, get_edge_method, list_edge_methods, register_edge_method
 
 __all__ = [
     "EdgeMethod",
     "LinearProbe",
     "LowRankAttentionEdge",
+    "LowRankSideNetwork",
     "create_edge_method",
     "get_edge_method",
     "list_edge_methods",
