@@ -58,6 +58,7 @@ class TrainRequest:
     skip_bad: bool = False
     backbone_batch: int = 32
     backbone_precision: str = "fp32"  # "bf16": faster caching on AMX CPUs, ~0.3% feature error (see run_backbone)
+    train_threads: int = 1  # torch threads while training edge networks (see _with_threads)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -75,6 +76,21 @@ class TrainRequest:
 
 def _labels(split: CachedSplit) -> np.ndarray:
     return np.asarray(split.labels())[split.valid()]
+
+
+def _with_threads(threads: int, work: Callable[[], Any]) -> Any:
+    """Run `work` with `threads` torch threads, then restore the caller's setting.
+
+    Edge networks train on small matrices, where a second thread mostly adds synchronisation: on the shared 2-core
+    host one epoch took 3-4 s with 1 thread and 18-48 s with 2 (interleaved runs at load 15, see README). The
+    backbone pass that fills the cache keeps torch's default.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        return work()
+    finally:
+        torch.set_num_threads(before)
 
 
 def plan_tensors(plan: CloudPlan) -> dict[str, str]:
@@ -126,7 +142,6 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
     `codec` ({"name": ...}) is applied to every tensor the method's plan sends, calibrated per tensor; the edge
     network trains on its encode->decode round trip, as the device will receive it.
     """
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t_start = time.perf_counter()
     cls = get_edge_method(req.method)
     model_bb, spec = load_backbone(req.backbone, img_size=req.img_size, weights=req.weights,
@@ -176,7 +191,8 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
         return _finish_probe(req, spec, classes, cls, plans[None], tx[None], vx[None], y_train, y_val, transforms[None],
                              specs[None], splits, lists, build, cache_seconds, skipped, t_start, t_train, codec, log,
                              cache_root)
-    results = fit_candidates(models, tx, y_train, req.params, vx, y_val, transforms, on_epoch)
+    results = _with_threads(req.train_threads, lambda: fit_candidates(models, tx, y_train, req.params, vx, y_val,
+                                                                       transforms, on_epoch))
     # best val top-1; ties go to the shallower depth (fewer cloud blocks, less cloud compute per image)
     chosen = min(depths, key=lambda d: (-(results[d].best_val_top1 or 0.0), -1 if d is None else d))
     search = {} if depths == [None] else {
@@ -189,8 +205,9 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
         log(f"refit on train + val for {epochs} epochs ({cls.depth_name}={chosen})")
         final = build(chosen)
         refit_params = TrainParams(**{**req.params.__dict__, "epochs": epochs})
-        fit(final, tx[chosen] + vx[chosen], np.concatenate([y_train, y_val]),  # type: ignore[index,list-item]
-            refit_params, transform=transforms[chosen])
+        _with_threads(req.train_threads, lambda: fit(final, tx[chosen] + vx[chosen],  # type: ignore[index]
+                                                     np.concatenate([y_train, y_val]),  # type: ignore[list-item]
+                                                     refit_params, transform=transforms[chosen]))
     train_seconds = time.perf_counter() - t_train
     cost = final.cost()
     report: dict[str, Any] = {
