@@ -53,7 +53,8 @@ def _print_run(report: dict[str, Any], show: int) -> None:
     if len(preds) > show:
         typer.echo(f"... {len(preds) - show} more (use --show or --json)")
     keys = ("device", "backend", "graph", "threads", "head_version", "images", "batch", "latency_ms_p50",
-            "latency_ms_p95", "images_per_s", "peak_rss_mb", "top1", "backend_note", "emulation")
+            "latency_ms_p95", "images_per_s", "peak_rss_mb", "top1", "backend_note", "threads_note", "tune_note",
+            "emulation")
     for key in keys:
         if key in report:
             typer.echo(f"{key:16s} {report[key]}")
