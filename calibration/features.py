@@ -48,12 +48,13 @@ def plan_of(config: CheckpointConfig) -> CloudPlan:
 
 
 def find_cached_split(config: CheckpointConfig, source: str | None, plan: CloudPlan,
-                      cache_root: Path | None = None, precision: str = "fp32") -> CachedSplit | None:
+                      cache_root: Path | None = None, precision: str | None = None) -> CachedSplit | None:
     """The complete cache of dataset `source` bound to this checkpoint's backbone and holding the plan's tensors.
 
     The binding is recomputed from the image list (names, labels, bytes), as training computed it; a list that is
-    not readable here has no usable cache.
+    not readable here has no usable cache. `precision` defaults to the one the checkpoint's training cache used.
     """
+    precision = precision or str(config.training.get("backbone_precision", "fp32"))
     from mist_kit.featurize import cache_binding
 
     root = cache_root or (Path(config.training["cache_dir"]) if config.training.get("cache_dir") else None)

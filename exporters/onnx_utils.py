@@ -92,6 +92,13 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
 
 
+def _takes_varargs(module: Any) -> bool:
+    import inspect
+
+    return any(p.kind is inspect.Parameter.VAR_POSITIONAL
+               for p in inspect.signature(module.forward).parameters.values())
+
+
 def export_dynamic_batch(module: Any, examples: tuple[Any, ...], input_names: list[str], output_names: list[str],
                          opset: int, what: str) -> tuple[onnx.ModelProto, str]:
     """Export a torch module (positional tensor inputs -> tensor or tuple of tensors) with a dynamic batch axis on
@@ -110,11 +117,14 @@ def export_dynamic_batch(module: Any, examples: tuple[Any, ...], input_names: li
         import onnxscript  # noqa: F401  (the dynamo exporter's dependency; fail over cleanly without it)
 
         batch = torch.export.Dim("batch", min=1, max=65536)
+        per_input = tuple({0: batch} for _ in examples)
+        # torch.export matches dynamic_shapes to forward's parameters: a `*tensors` parameter is one tuple
+        dynamic = (per_input,) if _takes_varargs(module) else per_input
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module, tuple(examples), None, dynamo=True, input_names=input_names, output_names=output_names,
-                dynamic_shapes=tuple({0: batch} for _ in examples), opset_version=opset, verbose=False)
+                dynamic_shapes=dynamic, opset_version=opset, verbose=False)
         return program.model_proto, "dynamo"
     except Exception as exc:  # any exporter failure: try the other exporter, report both if it fails too
         errors.append(f"dynamo: {_first_line(exc)}")

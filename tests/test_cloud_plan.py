@@ -185,3 +185,21 @@ def test_one_backbone_pass_serves_every_candidate_of_two_methods(tiny_checkpoint
     run_training(TrainRequest(**base, out=tmp_path / "b", method="mist", ks=(2, 3)), log=lambda _m: None)
     run_training(TrainRequest(**base, out=tmp_path / "c", method=NAME, k=3), log=lambda _m: None)
     assert passes == []
+
+
+def test_multi_input_edge_graph_exports_with_dynamo_not_the_fallback() -> None:
+    """`_Embed.forward(*tensors)` is one varargs parameter to torch.export: its dynamic shapes must be nested, or
+    dynamo fails and the TorchScript fallback silently writes a larger graph."""
+    pytest.importorskip("onnxscript")
+    from mist_kit.edge import create_edge_method
+    from mist_kit.exporters.edge_onnx import _Embed
+    from mist_kit.exporters.onnx_utils import export_dynamic_batch
+
+    method = create_edge_method(NAME, backbone=BackboneShape(64, 5, 1, 6), depth=2, num_classes=10, seed=0).eval()
+    module = _Embed(method)
+    import torch
+
+    examples = tuple(torch.zeros(2, *shape) for shape in method.input_shapes.values())
+    model, exporter = export_dynamic_batch(module, examples, module.names, ["embedding"], 18, "edge graph")
+    assert exporter == "dynamo"
+    assert [i.name for i in model.graph.input] == ["z1", "g"]
