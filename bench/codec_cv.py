@@ -106,7 +106,9 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from mist_kit.checkpoint import build_method, load_checkpoint
+    from mist_kit.cache import CachedSplit
+    from mist_kit.checkpoint import load_checkpoint
+    from mist_kit.edge import create_edge_method
     from mist_kit.train import TrainParams, fit, predict_logits
 
     torch.set_num_threads(1)
@@ -116,8 +118,13 @@ def main() -> None:
         sys.exit(f"error: unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
 
     def load(split: str) -> tuple[np.ndarray, np.ndarray]:
-        d = next((WORK / "cache").glob(f"{split}-*"))
-        return np.asarray(np.load(d / "g12.npy", mmap_mode="r"), dtype=np.float32), np.load(d / "labels.npy")
+        d = next((d for d in sorted((WORK / "cache").glob(f"{split}-*")) if (d / "meta.json").is_file()), None)
+        if d is None:
+            sys.exit(f"error: no complete feature cache of {split} under {WORK / 'cache'}")
+        cached = CachedSplit(d, json.loads((d / "meta.json").read_text()))
+        rows = cached.valid()
+        return (np.asarray(cached.array("gather:12")[rows], dtype=np.float32),
+                np.asarray(cached.labels())[rows])
 
     (xtr, ytr), (xva, yva) = load("train800"), load("val200")
     x_all, y_all = np.concatenate([xtr, xva]), np.concatenate([ytr, yva])
@@ -139,9 +146,10 @@ def main() -> None:
             t0, correct = time.perf_counter(), 0
             for held in folds:
                 train = np.setdiff1d(np.arange(len(y_all)), held)
-                with torch.random.fork_rng():
-                    torch.manual_seed(seed)
-                    net = build_method(cfg, num_tokens=x.shape[1])
+                m = cfg.method  # the variant's round trip may change the token count: the net is built for it
+                net = create_edge_method(m.name, backbone=cfg.backbone.shape, depth=m.k,
+                                         num_classes=len(cfg.classes), params=m.params,
+                                         inputs={"gather": tuple(x.shape[1:])}, seed=seed)
                 fit(net, x[train], y_all[train], dataclasses.replace(params, seed=seed))
                 correct += int((predict_logits(net, x[held]).argmax(1) == y_all[held]).sum())
             row = {"variant": name, "tag": label, "bytes": nbytes, "recipe": recipe, "note": note, "seed": seed,
