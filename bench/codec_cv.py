@@ -128,8 +128,9 @@ def main() -> None:
 
     (xtr, ytr), (xva, yva) = load("train800"), load("val200")
     x_all, y_all = np.concatenate([xtr, xva]), np.concatenate([ytr, yva])
+    n_train = len(xtr)
     del xtr, xva
-    calib = x_all[np.unique(np.linspace(0, 799, 256).astype(int))]  # 256 train800 gathers, as the codec bench
+    calib = x_all[np.unique(np.linspace(0, n_train - 1, 256).astype(int))]  # 256 train800 gathers, as the codec bench
     folds = np.array_split(np.random.default_rng(123).permutation(len(y_all)), 5)
     config, _ = load_checkpoint(WORK / "mist" / "checkpoint")
     base = TrainParams(epochs=args.epochs, batch_size=32, lr=3e-3, warmup_epochs=2, patience=10**6)

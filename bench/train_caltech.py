@@ -91,7 +91,7 @@ def time_epochs(weights: Path, cache_root: Path, train_list: str, k: int, precis
                               params=method_params, seed=0)
     (tensor,) = edge.plan.tensors  # mist sends one tensor, `gather` = gather:k
     x_all = np.asarray(split.array(str(tensor.source)))
-    y_all = torch.as_tensor(np.asarray(split.labels()), dtype=torch.long)
+    y_all = torch.as_tensor(np.array(split.labels()), dtype=torch.long)  # a copy: the memmap is read-only
     opt = torch.optim.AdamW(edge.parameters(), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
 
