@@ -221,12 +221,17 @@ def main() -> None:
     if args.features_only:
         import numpy as np
 
+        from mist_kit.cache import CachedSplit
         from mist_kit.codec_bench import jpeg_q90_bytes
         from mist_kit.data import load_image_list
         from mist_kit.runtime.codec import list_codecs
 
-        cache = next((WORK / "cache").glob(f"{args.features_only}-*"))
-        x = np.asarray(np.load(cache / f"g{args.k}.npy", mmap_mode="r"), dtype=np.float32)
+        cache = next((d for d in sorted((WORK / "cache").glob(f"{args.features_only}-*"))
+                      if (d / "meta.json").is_file()), None)
+        if cache is None:
+            sys.exit(f"error: no complete feature cache of {args.features_only} under {WORK / 'cache'}")
+        split = CachedSplit(cache, json.loads((cache / "meta.json").read_text()))
+        x = np.asarray(split.array(f"gather:{args.k}")[split.valid()], dtype=np.float32)
         names = [c for c in (args.codecs or ",".join(list_codecs())).split(",") if c]
         result = bench_codecs_features(names, x)
         jpeg = jpeg_q90_bytes(list(load_image_list(DATA / f"{args.features_only}.txt").paths), 224)

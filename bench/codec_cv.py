@@ -106,7 +106,9 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from mist_kit.checkpoint import build_method, load_checkpoint
+    from mist_kit.cache import CachedSplit
+    from mist_kit.checkpoint import load_checkpoint
+    from mist_kit.edge import create_edge_method
     from mist_kit.train import TrainParams, fit, predict_logits
 
     torch.set_num_threads(1)
@@ -116,13 +118,19 @@ def main() -> None:
         sys.exit(f"error: unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
 
     def load(split: str) -> tuple[np.ndarray, np.ndarray]:
-        d = next((WORK / "cache").glob(f"{split}-*"))
-        return np.asarray(np.load(d / "g12.npy", mmap_mode="r"), dtype=np.float32), np.load(d / "labels.npy")
+        d = next((d for d in sorted((WORK / "cache").glob(f"{split}-*")) if (d / "meta.json").is_file()), None)
+        if d is None:
+            sys.exit(f"error: no complete feature cache of {split} under {WORK / 'cache'}")
+        cached = CachedSplit(d, json.loads((d / "meta.json").read_text()))
+        rows = cached.valid()
+        return (np.asarray(cached.array("gather:12")[rows], dtype=np.float32),
+                np.asarray(cached.labels())[rows])
 
     (xtr, ytr), (xva, yva) = load("train800"), load("val200")
     x_all, y_all = np.concatenate([xtr, xva]), np.concatenate([ytr, yva])
+    n_train = len(xtr)
     del xtr, xva
-    calib = x_all[np.unique(np.linspace(0, 799, 256).astype(int))]  # 256 train800 gathers, as the codec bench
+    calib = x_all[np.unique(np.linspace(0, n_train - 1, 256).astype(int))]  # 256 train800 gathers, as the codec bench
     folds = np.array_split(np.random.default_rng(123).permutation(len(y_all)), 5)
     config, _ = load_checkpoint(WORK / "mist" / "checkpoint")
     base = TrainParams(epochs=args.epochs, batch_size=32, lr=3e-3, warmup_epochs=2, patience=10**6)
@@ -139,9 +147,10 @@ def main() -> None:
             t0, correct = time.perf_counter(), 0
             for held in folds:
                 train = np.setdiff1d(np.arange(len(y_all)), held)
-                with torch.random.fork_rng():
-                    torch.manual_seed(seed)
-                    net = build_method(cfg, num_tokens=x.shape[1])
+                m = cfg.method  # the variant's round trip may change the token count: the net is built for it
+                net = create_edge_method(m.name, backbone=cfg.backbone.shape, depth=m.k,
+                                         num_classes=len(cfg.classes), params=m.params,
+                                         inputs={"gather": tuple(x.shape[1:])}, seed=seed)
                 fit(net, x[train], y_all[train], dataclasses.replace(params, seed=seed))
                 correct += int((predict_logits(net, x[held]).argmax(1) == y_all[held]).sum())
             row = {"variant": name, "tag": label, "bytes": nbytes, "recipe": recipe, "note": note, "seed": seed,

@@ -23,26 +23,28 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def _test_features(config, test_list: str, cache_root: Path, test_cache: Path | None):
-    """The test split's g_k from the cache (computed with the frozen backbone if absent) and its labels."""
-    from _caltech import bound_test_cache
+    """The test split's cached tensor (computed with the frozen backbone if absent), its valid rows and labels."""
+    from _caltech import bound_test_cache, plan_of, split_array
 
     from mist_kit.calibration.features import find_cached_split
 
     if test_cache is not None:  # a cache written by another bench (e.g. a bf16-backbone test subset)
         split = bound_test_cache(config, test_cache)
         rows = split.valid()
-        return split.gather(config.method.k), rows, np.asarray(split.labels())[rows]
-    split = find_cached_split(config, test_list, config.method.k, cache_root)
+        return split_array(split, config), rows, np.asarray(split.labels())[rows]
+    plan = plan_of(config)
+    split = find_cached_split(config, test_list, plan, cache_root)
     if split is None:
         from mist_kit.backbone import load_backbone_for
         from mist_kit.data import load_image_list
         from mist_kit.featurize import cache_features
 
-        print(f"computing test gathers for {test_list} (cached for next time)", flush=True)
+        print(f"computing test tensors ({', '.join(map(str, plan.sources))}) for {test_list} (cached for next time)",
+              flush=True)
         split, _, _ = cache_features(load_backbone_for(config.backbone), config.backbone,
-                                     load_image_list(test_list), cache_root, (config.method.k,), progress=False)
+                                     load_image_list(test_list), cache_root, plan.sources, progress=False)
     rows = split.valid()
-    return split.gather(config.method.k), rows, np.asarray(split.labels())[rows]
+    return split_array(split, config), rows, np.asarray(split.labels())[rows]
 
 
 def _latency_ms(session, x: np.ndarray, repeats: int) -> float:
@@ -69,45 +71,51 @@ def main() -> int:
               file=sys.stderr)
         return 2
     import onnx
+    from _caltech import one_tensor
     from _report import markdown_table, update_section
 
     from mist_kit.calibration.features import real_data
     from mist_kit.calibration.modes import resolve_modes
-    from mist_kit.calibration.reader import ArrayBatches
+    from mist_kit.calibration.reader import ArrayBatches, InputBatches
     from mist_kit.checkpoint import load_checkpoint
     from mist_kit.exporters.cloud_onnx import ort_session
     from mist_kit.exporters.edge_onnx import export_edge
-    from mist_kit.exporters.export import _codec_spec
-    from mist_kit.exporters.quantize import Head, embeddings, quantize, quantize_edge
-    from mist_kit.pipeline import codec_transform
+    from mist_kit.exporters.export import _codec_specs
+    from mist_kit.exporters.quantize import embeddings, quantize, quantize_edge
+    from mist_kit.runtime.bundle import Head
+    from mist_kit.runtime.codec.plan_codecs import plan_codecs, roundtrips
 
     ckpt = args.work / "mist" / "checkpoint"
     config, method = load_checkpoint(ckpt)
+    tensor, _source = one_tensor(config)  # mist's one sent tensor (`gather`): the edge graph's input name
     cache_root = Path(config.training.get("cache_dir") or args.work / "cache")
-    head = Head(method.head.weight.detach().numpy(), method.head.bias.detach().numpy())
+    head = Head(method.head.weight.detach().numpy(), method.head.bias.detach().numpy(), tuple(config.classes))
     say = lambda m: print(m, flush=True)  # noqa: E731
     # calibration: cached train gathers, as `mist-kit export` does (the checkpoint is refit: no held-out of its own)
     data = real_data(config, None, calib=None, held_out=None, n_calib=256, n_eval=0,
-                     rng=np.random.default_rng(0), transform=None, cache_root=cache_root, log=say)
+                     rng=np.random.default_rng(0), transforms={}, cache_root=cache_root, log=say)
     feats, rows, labels = _test_features(config, args.test, cache_root, args.test_cache)
     # The test split is halved: the int8 gate (recipe choice + node fallback, labels unused) sees one half only,
     # every number in the table comes from the other half, so nothing reported was selected on.
     perm = np.random.default_rng(0).permutation(len(rows))
     gate_idx, report_idx = np.sort(perm[: len(rows) // 2]), np.sort(perm[len(rows) // 2:])
-    gate = ArrayBatches(feats, rows[gate_idx], batch_size=64)
-    report = ArrayBatches(feats, rows[report_idx], batch_size=64)
+    gate = ArrayBatches(feats, rows[gate_idx], name=tensor, batch_size=64)
+    report = ArrayBatches(feats, rows[report_idx], name=tensor, batch_size=64)
     report_labels = labels[report_idx]
 
     b = config.backbone
-    fp32 = export_edge(method, b.num_tokens, b.embed_dim)
+    fp32 = export_edge(method)
     res = quantize_edge(fp32, resolve_modes("auto"), data.calib, gate, head, labels[gate_idx], 0.99, log=say)
     chosen = res.chosen
-    codec = _codec_spec(config, None, cache_root, say)  # the export default for this fp32-trained checkpoint
-    transform = codec_transform(codec)
-    coded_calib = ArrayBatches(data.calib.array, data.calib.rows, transform=transform)  # type: ignore[union-attr]
+    plan = method.plan
+    specs = _codec_specs(config, plan, None, cache_root, say)  # the export default for this fp32-trained checkpoint
+    codec = specs.get(tensor) or {"name": "fp32"}
+    transform = roundtrips(plan_codecs(plan, specs, b.num_prefix_tokens))[tensor]
+    coded_calib = InputBatches(data.calib.rows, data.calib.positions,  # type: ignore[union-attr]
+                               transforms={tensor: transform})
     coded_res = quantize_edge(fp32, resolve_modes("auto"), coded_calib,
-                              ArrayBatches(feats, rows[gate_idx], batch_size=64, transform=transform), head,
-                              labels[gate_idx], 0.99, log=say)
+                              ArrayBatches(feats, rows[gate_idx], name=tensor, batch_size=64, transform=transform),
+                              head, labels[gate_idx], 0.99, log=say)
 
     variants: list[tuple[str, onnx.ModelProto, ArrayBatches]] = [("fp32 (edge.fp32.onnx)", fp32, report)]
     for spec in resolve_modes("auto"):
@@ -115,7 +123,7 @@ def main() -> int:
     variants.append((f"int8 `--mode auto` + gate: {chosen.spec.name}, {len(chosen.spec.exclude)} nodes kept fp32",
                      chosen.model, report))
     c = coded_res.chosen
-    coded_report = ArrayBatches(feats, rows[report_idx], batch_size=64, transform=transform)
+    coded_report = ArrayBatches(feats, rows[report_idx], name=tensor, batch_size=64, transform=transform)
     variants.append((f"fp32 edge on `{codec['name']}` features (the codec's own cost)", fp32, coded_report))
     variants.append((f"export default: `{codec['name']}` codec + {c.spec.name}, {len(c.spec.exclude)} nodes fp32",
                      c.model, coded_report))

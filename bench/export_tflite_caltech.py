@@ -25,7 +25,7 @@ DEFAULT_TEST_CACHE = ROOT / "bench" / "work" / "caltech" / "cache" / "test-6eb47
 
 
 def _test_features(config, test_cache: Path) -> tuple[np.ndarray, np.ndarray]:
-    from _caltech import bound_test_cache
+    from _caltech import bound_test_cache, split_array
 
     split = bound_test_cache(config, test_cache)
     rows = split.valid()
@@ -34,7 +34,7 @@ def _test_features(config, test_cache: Path) -> tuple[np.ndarray, np.ndarray]:
         from mist_kit.data import relabel
 
         labels = relabel(labels, split.classes, config.classes)
-    return np.asarray(split.gather(config.method.k)[rows], dtype=np.float32), labels
+    return np.asarray(split_array(split, config)[rows], dtype=np.float32), labels
 
 
 def _median_ms(run, x: np.ndarray, repeats: int) -> float:
@@ -68,6 +68,7 @@ def main() -> int:
     import litert_torch
     import onnxruntime
     import torch
+    from _caltech import one_tensor, plan_of, split_array
     from _report import markdown_table, update_section
 
     from mist_kit.calibration.features import find_cached_split
@@ -76,26 +77,30 @@ def main() -> int:
     from mist_kit.checkpoint import load_checkpoint
     from mist_kit.exporters.edge_onnx import _Embed, export_edge
     from mist_kit.exporters.onnx_utils import ort_session
-    from mist_kit.exporters.quantize import Head, quantize
+    from mist_kit.exporters.quantize import quantize
     from mist_kit.exporters.tflite import interpreter, op_summary, quantize_convert, run_rows
+    from mist_kit.runtime.bundle import Head
 
     torch.set_num_threads(1)
     ckpt = args.work / "mist" / "checkpoint"
     config, method = load_checkpoint(ckpt)
     k, b = config.method.k, config.backbone
-    head = Head(method.head.weight.detach().numpy(), method.head.bias.detach().numpy())
-    train = find_cached_split(config, config.training.get("train"), k,
-                              Path(config.training.get("cache_dir") or args.work / "cache"))
+    tensor_name, _source = one_tensor(config)  # mist's one sent tensor (`gather`): the edge graph's input name
+    tokens, dim = method.input_shapes[tensor_name]
+    head = Head(method.head.weight.detach().numpy(), method.head.bias.detach().numpy(), tuple(config.classes))
+    train = find_cached_split(config, config.training.get("train"), plan_of(config),
+                              Path(config.training.get("cache_dir") or args.work / "cache"),
+                              config.training.get("backbone_precision", "fp32"))
     if train is None:
         print("error: no cached train gathers for this checkpoint", file=sys.stderr)
         return 2
     pick = np.sort(np.random.default_rng(0).permutation(train.valid())[:args.n_calib])
-    calib_x = np.asarray(train.gather(k)[pick], dtype=np.float32)
-    calib = InMemoryBatches([{"features": calib_x[i:i + 32]} for i in range(0, len(calib_x), 32)])
+    calib_x = np.asarray(split_array(train, config)[pick], dtype=np.float32)
+    calib = InMemoryBatches([{tensor_name: calib_x[i:i + 32]} for i in range(0, len(calib_x), 32)])
     x, labels = _test_features(config, args.test_cache)
     print(f"calibration: {len(calib_x)} train gathers; test: {len(x)} gathers of {args.test_cache}", flush=True)
 
-    fp32 = export_edge(method, b.num_tokens, b.embed_dim)
+    fp32 = export_edge(method)
     specs = {s.name: s for s in resolve_modes("auto")}
     variants: list[tuple[str, str, bytes]] = [("onnxruntime", "fp32 edge.fp32.onnx", fp32.SerializeToString())]
     for name in ("static-qdq-minmax", "dynamic-per-channel"):
@@ -103,13 +108,13 @@ def main() -> int:
                          .SerializeToString()))
     t = time.perf_counter()
     litert_torch.config.show_progress = False
-    lite_fp32 = litert_torch.convert(_Embed(method.eval()).eval(), (torch.zeros(1, b.num_tokens, b.embed_dim),))
+    lite_fp32 = litert_torch.convert(_Embed(method.eval()).eval(), (torch.zeros(1, tokens, dim),))
     with __import__("tempfile").TemporaryDirectory() as tmp:
         lite_fp32.export(f"{tmp}/fp32.tflite")
         variants.append(("LiteRT", "fp32 (litert-torch, no quantizer)", Path(f"{tmp}/fp32.tflite").read_bytes()))
     t_fp32 = time.perf_counter() - t
     t = time.perf_counter()
-    int8_bytes = quantize_convert(method, b.num_tokens, b.embed_dim, calib, log=lambda m: print(m, flush=True))
+    int8_bytes = quantize_convert(method, tokens, dim, calib, log=lambda m: print(m, flush=True))
     t_int8 = time.perf_counter() - t
     variants.append(("LiteRT", "int8 edge.tflite (PT2E, `export --tflite`)", int8_bytes))
 

@@ -48,7 +48,9 @@ import torch
 from mist_kit.checkpoint import load_checkpoint
 from mist_kit.runtime.bundle import open_edge_bundle
 from mist_kit.runtime.edge_session import EdgeSession, SessionSettings
+from mist_kit.runtime.codec.plan_codecs import decode_all, plan_codecs
 from mist_kit.runtime.features_file import read_features
+from mist_kit.runtime.manifest import manifest_codecs, manifest_plan
 bundle_dir, features, ckpt, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 torch.set_num_threads(1)
 one = SessionSettings(threads=1)
@@ -58,18 +60,21 @@ _, method = load_checkpoint(ckpt)
 method.eval()
 ff = read_features(features, int8.bundle.manifest)
 data = ff.read(0, n)
-name = int8.names[0]
-def torch_embed(t):
+man = int8.bundle.manifest
+codecs = plan_codecs(manifest_plan(man), manifest_codecs(man), man["backbone"]["num_prefix_tokens"])
+names = int8.names  # the cloud outputs = edge inputs (every sent tensor's encoded tensors)
+def torch_embed(t):  # the checkpoint's network on the decoded tensors (the ORT graphs decode inside)
+    dec = decode_all(codecs, t)
     with torch.inference_mode():
-        return method.embed(torch.from_numpy(t[name])).numpy()
+        return method.embed({k: torch.from_numpy(v) for k, v in dec.items()}).numpy()
 runners = {"ort_int8": int8.embed, "ort_fp32": fp32.embed, "torch_fp32_eager": torch_embed}
 times = {k: [] for k in runners}
 embs = {k: [] for k in runners}
 for i in range(min(5, n)):
     for f in runners.values():
-        f({name: data[name][i:i + 1]})
+        f({name: data[name][i:i + 1] for name in names})
 for i in range(n):
-    x = {name: data[name][i:i + 1]}
+    x = {name: data[name][i:i + 1] for name in names}
     for k, f in runners.items():
         t0 = time.perf_counter()
         e = f(x)
@@ -125,28 +130,29 @@ def ensure_features(bundle: Path, data: Path, out: Path) -> Path:
 def features_from_cache(bundle: Path, caches: list[Path], out: Path) -> Path:
     """Write a features file from feature-cache splits instead of re-running cloud.onnx (fp32 codec only).
 
-    For the fp32 codec the cloud graph's output is exactly the gather g_k, which the cache already holds (stored
-    as float16); this saves thousands of ViT forward passes on a 2-core machine. Other codecs need `extract`.
+    For the fp32 codec each cloud output is exactly its plan tensor (the gather g_k for mist, output `gather`),
+    which the cache already holds per source (stored as float16); this saves thousands of ViT forward passes on a
+    2-core machine. Other codecs need `extract`.
     """
     import numpy as np
 
     from mist_kit.cache import CachedSplit
     from mist_kit.runtime.features_file import FeaturesWriter
-    from mist_kit.runtime.manifest import read_manifest
+    from mist_kit.runtime.manifest import codec_names, manifest_codecs, manifest_plan, read_manifest
 
     man = read_manifest(bundle)
-    if man["codec"].get("name") != "fp32":
-        sys.exit(f"--from-cache needs an fp32-codec bundle, {bundle} uses {man['codec'].get('name')}")
-    name = man["cloud"]["outputs"][0]["name"]
+    if any(c.get("name", "fp32") != "fp32" for c in manifest_codecs(man).values()):
+        sys.exit(f"--from-cache needs an fp32-codec bundle, {bundle} uses {codec_names(man)}")
+    sources = {t.name: str(t.source) for t in manifest_plan(man).tensors}  # fp32: output name = tensor name
     splits = [CachedSplit(c, json.loads((c / "meta.json").read_text())) for c in caches]
     rows = [(sp, i) for sp in splits for i in sp.valid()]
     ids = [f"{sp.path.name}/{i}" for sp, i in rows]
     with FeaturesWriter(out, man, ids, with_labels=True) as writer:
         for sp in splits:
-            g, labels = sp.gather(int(man["k"])), np.asarray(sp.labels())
+            arrays, labels = {n: sp.array(src) for n, src in sources.items()}, np.asarray(sp.labels())
             for start in range(0, len(sp.valid()), 64):
                 idx = sp.valid()[start:start + 64]
-                writer.write({name: np.asarray(g[idx], dtype=np.float32)}, labels[idx])
+                writer.write({n: np.asarray(a[idx], dtype=np.float32) for n, a in arrays.items()}, labels[idx])
     return out
 
 
@@ -192,9 +198,10 @@ def main() -> None:
 def write_report(bundle: Path, inf: dict, inf_cli: dict, ft: dict, ft_cli: dict, lat: dict) -> None:
     from _report import markdown_table, update_section
 
-    from mist_kit.runtime.manifest import read_manifest
+    from mist_kit.runtime.manifest import codec_names, manifest_plan, read_manifest
 
     man = read_manifest(bundle)
+    sent = ", ".join(f"{t.name} = {t.source} {list(t.shape)}" for t in manifest_plan(man).tensors)
     med = lat["median_ms"]
     speedup = med["torch_fp32_eager"] / med["ort_int8"]
     mem = markdown_table(
@@ -209,7 +216,7 @@ def write_report(bundle: Path, inf: dict, inf_cli: dict, ft: dict, ft_cli: dict,
          for k in ("ort_int8", "ort_fp32", "torch_fp32_eager")])
     body = f"""
 Bundle: `{bundle.relative_to(ROOT) if bundle.is_relative_to(ROOT) else bundle}` ({man['backbone']['name']}, k =
-{man['k']}, codec {man['codec'].get('name')}, features {man['features']['shape']}, {len(man['classes'])} classes).
+{man['k']}, codec {codec_names(man)}, sends {sent}, {len(man['classes'])} classes).
 Features files written by `mist-kit extract` (or, with `--from-cache`, from the training feature caches: for the
 fp32 codec the same g_k, stored as float16; test split computed with the bf16 backbone); every job ran in its
 own fresh process (peak RSS = ru_maxrss of

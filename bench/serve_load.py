@@ -127,32 +127,39 @@ def throughput(fn: Any, batch: np.ndarray, min_runs: int, min_s: float) -> float
 
 
 def ort_vs_torch(bundle: Path, checkpoint: Path, pixels: np.ndarray, threads: int) -> dict[str, Any]:
-    """Same cloud half, same images, same thread count: onnxruntime on cloud.onnx vs the torch GatherModel."""
+    """Same cloud half, same images, same thread count: onnxruntime on cloud.onnx vs the torch CloudModule."""
     import onnxruntime as ort
     import torch
 
-    from mist_kit.backbone import GatherModel, load_backbone_for
+    from mist_kit.backbone import load_backbone_for
+    from mist_kit.backbone_run import CloudModule
     from mist_kit.checkpoint import load_checkpoint
+    from mist_kit.runtime.manifest import codec_names, manifest_codecs, manifest_plan, read_manifest
 
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = read_manifest(bundle)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     sess = ort.InferenceSession(str(bundle / "cloud.onnx"), opts, providers=["CPUExecutionProvider"])
     torch.set_num_threads(threads)
-    config, _ = load_checkpoint(checkpoint)
-    gather = GatherModel(load_backbone_for(config.backbone), config.method.k).eval()
-    if manifest["k"] != config.method.k:
-        raise SystemExit(f"bundle k={manifest['k']} but checkpoint k={config.method.k}: not the same model")
+    config, method = load_checkpoint(checkpoint)
+    plan = manifest_plan(manifest)
+    sent = [(t.name, str(t.source)) for t in plan.tensors]
+    if sent != [(t.name, str(t.source)) for t in method.plan.tensors]:
+        raise SystemExit(f"bundle sends {sent} but the checkpoint's method sends "
+                         f"{[(t.name, str(t.source)) for t in method.plan.tensors]}: not the same model")
+    cloud = CloudModule(load_backbone_for(config.backbone), plan).eval()
     with torch.inference_mode():
-        tref = gather(torch.from_numpy(pixels[:2])).numpy()
-        oref = sess.run(None, {"pixel_values": pixels[:2]})[0]
+        tref = [t.numpy() for t in cloud(torch.from_numpy(pixels[:2]))]
+        oref = sess.run(None, {"pixel_values": pixels[:2]})
         ort_ips = throughput(lambda x: sess.run(None, {"pixel_values": x}), pixels, 3, 10.0)
-        torch_ips = throughput(lambda x: gather(torch.from_numpy(x)), pixels, 3, 10.0)
-    err = float(np.abs(tref.astype(np.float32) - oref.astype(np.float32)).max()) \
-        if manifest["codec"].get("name", "fp32") == "fp32" else None
+        torch_ips = throughput(lambda x: cloud(torch.from_numpy(x)), pixels, 3, 10.0)
+    fp32 = all(c.get("name", "fp32") == "fp32" for c in manifest_codecs(manifest).values())
+    # with fp32 codecs the cloud outputs are the plan's tensors, in order; otherwise they are encoded
+    err = max(float(np.abs(t.astype(np.float32) - o.astype(np.float32)).max())
+              for t, o in zip(tref, oref, strict=True)) if fp32 else None
     return {"batch": len(pixels), "threads": threads, "ort_img_s": round(ort_ips, 2),
             "torch_img_s": round(torch_ips, 2), "ratio": round(ort_ips / torch_ips, 2), "max_abs_err": err,
-            "codec": manifest["codec"].get("name", "fp32")}
+            "codec": codec_names(manifest)}
 
 
 def main() -> None:
@@ -171,8 +178,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from mist_kit.data import load_image_list, load_pixels
+    from mist_kit.runtime.manifest import read_manifest
 
-    manifest = json.loads((args.bundle / "manifest.json").read_text())
+    manifest = read_manifest(args.bundle)  # a format-1 bundle is refused here with a one-line error
     if not (args.checkpoint / "config.json").is_file():
         raise SystemExit(f"--checkpoint {args.checkpoint}: no config.json; the torch comparison needs the checkpoint")
     data = load_image_list(args.images)
@@ -220,7 +228,7 @@ def write_section(r: dict[str, Any], args: argparse.Namespace) -> None:
     cmp_table = markdown_table(
         ["cloud half", "batch", "threads", "images/s", "vs torch"],
         [["onnxruntime (cloud.onnx)", c["batch"], c["threads"], c["ort_img_s"], f"{c['ratio']}x"],
-         ["torch (GatherModel)", c["batch"], c["threads"], c["torch_img_s"], "1.0x"]])
+         ["torch (CloudModule)", c["batch"], c["threads"], c["torch_img_s"], "1.0x"]])
     body = (f"`serve-cloud` on loopback, one image per request (real files from {r['images']}, sent as they are), "
             f"server --max-batch {r['max_batch']} --threads {r['threads']}; the load generator shares the machine "
             f"(1-minute load average {r['loadavg']} at the start of the run).\n\n"

@@ -42,19 +42,30 @@ def ensure_weights(path: Path) -> Path:
     return path
 
 
+def mist_sources(spec) -> list:
+    """Every tensor source mist's candidate depths need (the union one cached backbone pass fills)."""
+    from mist_kit.edge import get_edge_method
+    from mist_kit.runtime.plan import union_sources
+
+    cls = get_edge_method("mist")
+    plans = [cls.cloud_plan(spec.shape, k, {}) for k in cls.depth_candidates(spec.shape, {})]
+    return sorted(union_sources(plans))
+
+
 def time_backbone(weights: Path, images: list[Path], precision: str, batch: int = 16) -> float:
     """Seconds per image of one cached-style backbone pass (decode + preprocess + all blocks), on `images`."""
-    from mist_kit.backbone import load_backbone, run_backbone
+    from mist_kit.backbone import load_backbone
+    from mist_kit.backbone_run import run_backbone
     from mist_kit.data import load_pixels
 
     model, spec = load_backbone(BACKBONE, img_size=224, weights=weights)
-    ks = spec.candidate_ks()
-    run_backbone(model, torch.from_numpy(np.stack([load_pixels(images[0], 224, spec.mean, spec.std)])), ks,
+    sources = mist_sources(spec)
+    run_backbone(model, torch.from_numpy(np.stack([load_pixels(images[0], 224, spec.mean, spec.std)])), sources,
                  precision)  # warm-up: first-call allocations and kernel selection are not per-image cost
     start = time.perf_counter()
     for i in range(0, len(images), batch):
         px = np.stack([load_pixels(p, 224, spec.mean, spec.std) for p in images[i: i + batch]])
-        run_backbone(model, torch.from_numpy(px), ks, precision)
+        run_backbone(model, torch.from_numpy(px), sources, precision)
     return (time.perf_counter() - start) / len(images)
 
 
@@ -66,26 +77,26 @@ def time_epochs(weights: Path, cache_root: Path, train_list: str, k: int, precis
     decodes the batch's images and runs the frozen backbone, as training without a cache must every epoch.
     The in-loop epoch is timed on `subset` images and scaled to 800.
     """
-    from mist_kit.backbone import load_backbone, run_backbone
+    from mist_kit.backbone import load_backbone
+    from mist_kit.backbone_run import run_backbone
     from mist_kit.data import load_image_list, load_pixels
     from mist_kit.edge import create_edge_method
     from mist_kit.featurize import cache_features
 
     model, spec = load_backbone(BACKBONE, img_size=224, weights=weights)
     images = load_image_list(train_list)
-    split, _, _ = cache_features(model, spec, images, cache_root, spec.candidate_ks(), progress=False,
+    split, _, _ = cache_features(model, spec, images, cache_root, mist_sources(spec), progress=False,
                                  log=lambda _m: None, precision=precision)
-    x_all = np.asarray(split.gather(k))
-    y_all = torch.as_tensor(np.asarray(split.labels()), dtype=torch.long)
-    torch.manual_seed(0)
-    edge = create_edge_method("mist", embed_dim=spec.embed_dim, num_tokens=spec.num_tokens,
-                              num_prefix_tokens=spec.num_prefix_tokens, num_classes=len(images.classes),
-                              **method_params)
+    edge = create_edge_method("mist", backbone=spec.shape, depth=k, num_classes=len(images.classes),
+                              params=method_params, seed=0)
+    (tensor,) = edge.plan.tensors  # mist sends one tensor, `gather` = gather:k
+    x_all = np.asarray(split.array(str(tensor.source)))
+    y_all = torch.as_tensor(np.array(split.labels()), dtype=torch.long)  # a copy: the memmap is read-only
     opt = torch.optim.AdamW(edge.parameters(), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step(feats: torch.Tensor, y: torch.Tensor) -> None:
-        loss = loss_fn(edge(feats), y)
+        loss = loss_fn(edge({tensor.name: feats}), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -99,7 +110,7 @@ def time_epochs(weights: Path, cache_root: Path, train_list: str, k: int, precis
     start = time.perf_counter()
     for i in range(0, subset, batch):
         px = np.stack([load_pixels(p, 224, spec.mean, spec.std) for p in images.paths[i: i + batch]])
-        g = run_backbone(model, torch.from_numpy(px), (k,), precision).gathers[k]
+        g = run_backbone(model, torch.from_numpy(px), (tensor.source,), precision)[str(tensor.source)]
         step(g, y_all[i: i + batch])
     in_loop = (time.perf_counter() - start) * n / subset
     return cached, in_loop
@@ -243,6 +254,9 @@ def write_section(args: argparse.Namespace, linear: dict, mist: dict, pass_secon
         f"{mist['cache_seconds']:.0f} s; its k search + final training took {mist['train_seconds']:.0f} s = "
         f"{mist['train_seconds'] / mist['cache_seconds']:.2f} passes." if mist.get("cache_seconds") else
         "- (the mist run found its features cached: no in-run backbone pass to compare with)",
+        (f"- Feature cache: {mist['cache_bytes_per_image']:,} bytes per image (float16, one array per tensor source "
+         f"the k candidates send: gather:{', gather:'.join(mist['k_search'])})."
+         if mist.get("cache_bytes_per_image") else "- (the mist report predates the cache's bytes-per-image field)"),
         f"- Backbone features: train/val cached in {args.precision}, test ({linear['test_images']} images) in "
         f"{args.test_precision}" + (" (bfloat16 matrix products on this CPU's AMX units, ~0.3% relative error "
                                     "in the gathers vs fp32; used because the 2-core machine was shared)."

@@ -225,6 +225,12 @@ def prepare(force: bool = False) -> dict[str, Any]:
     missing = [c for c in ("export", "extract") if not _has_command(c)]
     if missing:
         raise SystemExit(f"[aarch64] `mist-kit {'/'.join(missing)}` not available yet: cannot build the bundle")
+    if (bundle / "manifest.json").is_file() and \
+            json.loads((bundle / "manifest.json").read_text()).get("schema") != "mist-kit/bundle/2":
+        log(f"{bundle}: an older bundle format; re-exporting it (and its features files)")
+        shutil.rmtree(bundle)
+        feats.unlink(missing_ok=True)
+        tune.unlink(missing_ok=True)
     if not (bundle / "manifest.json").is_file():
         _mist("export", str(ckpt), "--out", str(bundle))
     for split, path in (("test", feats), ("val", tune)):
@@ -235,6 +241,15 @@ def prepare(force: bool = False) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- runtime: the device path, x86 vs aarch64
+
+
+def _codecs(manifest: dict[str, Any]) -> str:
+    """The codec of every sent tensor of a format-2 manifest (`cloud.plan.tensors[].codec`), as one label."""
+    rows = manifest.get("cloud", {}).get("plan", {}).get("tensors", [])
+    names = [(r.get("name"), (r.get("codec") or {}).get("name", "fp32")) for r in rows]
+    if len({c for _, c in names}) == 1:
+        return names[0][1]
+    return ", ".join(f"{t}: {c}" for t, c in names) or "not recorded"
 
 
 def runtime(info: dict[str, Any] | None, finetune: bool = True) -> dict[str, Any]:
@@ -255,7 +270,7 @@ def runtime(info: dict[str, Any] | None, finetune: bool = True) -> dict[str, Any
         m = info["manifest"]
         res["manifest_summary"] = {
             "what": f"`{m.get('model_name')}` ({m.get('backbone', {}).get('name')}, k={m.get('k')}, codec "
-                    f"{m.get('codec', {}).get('name')}, {len(m.get('classes', []))} classes, int8 recipe "
+                    f"{_codecs(m)}, {len(m.get('classes', []))} classes, int8 recipe "
                     f"{(m.get('edge', {}).get('quantization') or {}).get('name', 'not recorded')})",
             "bundle": info["bundle"], "features": info["features"], "finetune_features": info.get("finetune_features")}
         (d / "info.json").write_text(json.dumps(res, indent=1) + "\n")
