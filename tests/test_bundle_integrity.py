@@ -27,9 +27,11 @@ def bundle(tiny_bundle: Path, tmp_path: Path) -> Path:
 
 
 def _edit(bundle: Path, change) -> None:
+    """Edit the manifest as an attacker who also rewrites manifest.sha256 would (only a signature stops that)."""
     m = json.loads((bundle / "manifest.json").read_text())
     change(m)
     (bundle / "manifest.json").write_text(json.dumps(m, indent=2))
+    write_manifest_digest(bundle)
 
 
 @pytest.mark.parametrize("rel", ["/etc/passwd", "../elsewhere/other.onnx", "a/../../x", "./edge.onnx", "a//b",
@@ -55,6 +57,7 @@ def test_manifest_paths_outside_the_bundle_are_refused(bundle, tmp_path, field):
             open_edge_bundle(bundle)
         assert "\n" not in str(err.value)
         (bundle / "manifest.json").write_text(original)
+        write_manifest_digest(bundle)
     open_edge_bundle(bundle)
 
 

@@ -21,7 +21,7 @@ GOOD = {"schema": "mist-kit/checkpoint/1",
                      "embed_dim": 192, "num_prefix_tokens": 1, "weights": "/w.safetensors", "source": "file",
                      "resize": "bicubic"},
         "method": {"name": "mist", "k": 4, "params": {"rank": 16, "depth": 4, "pool": "cls", "dropout": 0.0}},
-        "classes": ["a", "b", "c"], "codec": {"name": "fp32"}, "training": {}, "metrics": {}, "version": "x"}
+        "classes": ["a", "b", "c"], "codecs": {}, "training": {}, "metrics": {}, "version": "x"}
 
 
 def _with(path: str, value) -> dict:
@@ -63,7 +63,8 @@ def test_good_config_round_trips():
     ("classes", ["a", "a"], "repeats"),
     ("classes", ["a", 3], "classes"),
     ("codec", [], "codec"),
-    ("codec", {"name": "pool2", "num_tokens": 0}, "codec.num_tokens"),
+    ("codecs", {"gather": {"name": "pool2-int4", "num_tokens": 0}}, "codecs.gather.num_tokens"),
+    ("codecs", {"gather": []}, "codecs"),
     ("method", "mist", "must be JSON objects"),
 ])
 def test_targeted_bad_fields(path, value, needle):
@@ -83,7 +84,7 @@ def test_img_size_against_the_token_grid_when_the_name_does_not_say():
 
 
 FIELDS = [f"backbone.{k}" for k in GOOD["backbone"]] + ["method.name", "method.k", "method.params",
-                                                       "method.params.rank", "classes", "codec", "schema"]
+                                                       "method.params.rank", "classes", "codecs", "schema"]
 VALUES = st.none() | st.booleans() | st.integers(-2**65, 2**65) | st.floats() | st.text(max_size=6) | \
     st.lists(st.integers(-3, 300) | st.floats(), max_size=4) | st.dictionaries(st.text(max_size=3), st.integers(),
                                                                                 max_size=2)

@@ -15,8 +15,10 @@ from mist_kit.errors import MistError
 from mist_kit.runtime.features_file import FeaturesError, read_features, write_features
 
 T, D, N = 3, 4, 6
-MANIFEST = {"model_name": "m", "codec": {"name": "fp32"},
-            "cloud": {"outputs": [{"name": "f", "dtype": "float32", "shape": [-1, T, D]}]}}
+MANIFEST = {"model_name": "m",
+            "cloud": {"plan": {"blocks": 1, "num_blocks": 2, "tensors": [{"name": "f", "source": "gather:1",
+                                                                          "shape": [T, D], "codec": {"name": "fp32"}}]},
+                      "outputs": [{"name": "f", "dtype": "float32", "shape": [-1, T, D]}]}}
 
 
 def _good(tmp_path, values: np.ndarray | None = None):

@@ -47,7 +47,11 @@ def _paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
 
 
 def _open(root: Path, data: bytes) -> None:
+    """Open a mutated manifest whose digest was rewritten to match (the typed checks, not the digest, must hold)."""
+    from mist_kit.runtime.signing import write_manifest_digest
+
     (root / "manifest.json").write_bytes(data)
+    write_manifest_digest(root)
     try:
         read_manifest(root)
         open_edge_bundle(root)
@@ -94,4 +98,7 @@ def test_targeted_manifests_refused(fuzz_bundle):
         _open(root, data)
         assert COUNTS["refused"] == before + 1, data[:40]
     (root / "manifest.json").write_bytes(raw)
+    from mist_kit.runtime.signing import write_manifest_digest
+
+    write_manifest_digest(root)
     read_manifest(root)
