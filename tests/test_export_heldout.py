@@ -80,7 +80,7 @@ def test_refit_checkpoint_exports_with_eval_data(tiny_checkpoint: dict, digits_l
                                str(digits_lists["test"]), "--n-eval", "300", "--cache-dir", str(tmp_path / "no-cache"),
                                "--json"])
     assert done.exit_code == 0, done.output
-    report = json.loads(done.output)
+    report = json.loads(done.stdout)  # progress and log lines go to stderr, even with --json
     parity = report["manifest"]["parity"]
     assert parity["eval_data"] == "test.txt" and parity["n_eval"] == 300
     assert report["data"] == [f"calibration: 256 images of {digits_lists['train']}",

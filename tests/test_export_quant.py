@@ -36,8 +36,8 @@ def test_feature_reader_streams_memmap_rows(tmp_path: Path) -> None:
     seen = []
     while (batch := reader.get_next()) is not None:
         assert set(batch) == {"features"} and batch["features"].dtype == np.float32
-        assert len(batch["features"]) <= 2
         seen.append(batch["features"])
+    assert len({len(b) for b in seen}) == 1  # one uniform batch length (onnxruntime's calibrators stack batches)
     got = np.concatenate(seen)
     np.testing.assert_array_equal(got, arr[np.sort(rows)].astype(np.float32) * 2)
     reader.rewind()

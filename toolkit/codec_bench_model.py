@@ -113,9 +113,9 @@ def bench_checkpoint(names: list[str], checkpoint: str | Path, data: str, cache_
     retrain_all = retrain == "all" or not own_is_fp32  # a codec-trained checkpoint: every row needs its own net
     fitted = _fit_all(names, x_tr[np.unique(np.linspace(0, len(x_tr) - 1, min(256, len(x_tr))).astype(int))],
                       prefix, skip_unfit, log)
-    plan = retrain_plan(fitted, config.backbone.num_tokens, retrain, own_is_fp32)
+    to_retrain = retrain_plan(fitted, config.backbone.num_tokens, retrain, own_is_fp32)
     if retrain != "none":
-        announce_plan(plan, retrain_all, len(x_tr), params.epochs, log)
+        announce_plan(to_retrain, retrain_all, len(x_tr), params.epochs, log)
     base_secs = None
     if retrain_all and retrain != "none":
         log("retraining the fp32 baseline edge network from the cache")
@@ -134,13 +134,13 @@ def bench_checkpoint(names: list[str], checkpoint: str | Path, data: str, cache_
     def make_row(name: str, codec: Any) -> dict[str, Any]:
         row = {**measure_row(codec, sample), "retrained": False, "train_seconds": None, "jpeg_q90_bytes": jpeg,
                "source": "checkpoint"}
-        if name in plan and retrain == "none":
+        if name in to_retrain and retrain == "none":
             row.update(top1=None, top1_delta=None, agreement=None,
                        note="changes the token layout: accuracy needs a retrained edge network (drop --no-retrain)")
             return row
         if codec.lossless and not retrain_all:
             logits = base_logits
-        elif name in plan or retrain_all:
+        elif name in to_retrain or retrain_all:
             if codec.lossless:  # the baseline itself, retrained above
                 logits, secs = base_logits, base_secs
             else:
@@ -148,7 +148,7 @@ def bench_checkpoint(names: list[str], checkpoint: str | Path, data: str, cache_
                 logits, secs = retrained(codec)
                 timing["done"] += 1
                 timing["seconds"] += secs
-                left = len(plan) - timing["done"]
+                left = len(to_retrain) - timing["done"]
                 if left > 0:
                     each = timing["seconds"] / timing["done"]
                     log(f"{name}: retrained in {secs:.0f} s; {left} more to retrain, about {each * left:.0f} s")

@@ -77,6 +77,9 @@ def train(
             k_value = int(k)
         except ValueError:
             raise typer.BadParameter(f"--k: expected 'auto' or an integer, got {k!r}") from None
+    from mist_kit.runtime.codec import codec_params, parse_codec_name
+
+    codec_params(parse_codec_name(codec)[0])  # an unknown codec fails now, before any file or backbone work
     _preflight(backbone, weights, pretrained, img_size, k_value, parse_ints(ks, "--ks"), (train, val, test))
     from mist_kit.edge import get_edge_method
     from mist_kit.pipeline import TrainRequest, run_training
@@ -98,9 +101,6 @@ def train(
         refit=refit, cache_dir=cache_dir, skip_bad=skip_bad, backbone_batch=backbone_batch,
         backbone_precision=backbone_precision.value, progress=not quiet,
     )
-    from mist_kit.runtime.codec import codec_params, parse_codec_name
-
-    codec_params(parse_codec_name(codec)[0])  # an unknown codec fails now, not after caching
     report = run_training(req, log=logger(quiet), codec={"name": codec})
     if json_out:
         print_json(report)
