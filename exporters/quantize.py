@@ -170,8 +170,10 @@ def measure(model: onnx.ModelProto, spec: QuantSpec, ref_emb: np.ndarray, held_o
                        latency_ms(session, sample), int8_op_counts(model), runtime_ops(model), len(emb), model)
 
 
-def _rank(m: Measurement) -> tuple[float, float]:
-    return (-round(m.agreement, 3), m.latency_ms)  # best agreement first; near-ties go to the faster graph
+def _rank(m: Measurement) -> tuple[int, float, float]:
+    """Graphs that really run int8 first (a recipe that quantized nothing, e.g. dynamic mode on Gemm nodes, keeps
+    perfect agreement and must not win for it); then the best agreement; near-ties go to the faster graph."""
+    return (0 if m.runtime_int8_ops else 1, -round(m.agreement, 3), m.latency_ms)
 
 
 def quantize_edge(fp32: onnx.ModelProto, specs: list[QuantSpec], calib: Batches, held_out: Batches, head: Head,
