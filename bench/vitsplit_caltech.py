@@ -63,7 +63,8 @@ def train(method: str, args: argparse.Namespace) -> dict:
     if done.is_file():
         return json.loads(done.read_text())
     say(f"train {method}")
-    report = run_training(request(method, args, out, k=12 if method == "mist" else None), log=say)
+    k = 12 if method == "mist" else (args.k if method == "vitsplit" else None)
+    report = run_training(request(method, args, out, k=k), log=say)
     report["test_top1"] = score_test(report, args)
     out.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(report, indent=1))
@@ -263,6 +264,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=WORK / "caltech")
     ap.add_argument("--weights", type=Path, default=WORK / "dinov2_vits14.safetensors")
     ap.add_argument("--epoch-timing", default="vitsplit-lite,mist", help="methods whose cached epoch is timed")
+    ap.add_argument("--k", type=int, default=None, help="vitsplit: a fixed split instead of the search on val")
     ap.add_argument("--render", action="store_true", help="only print the markdown of an earlier run's results")
     args = ap.parse_args()
     if args.render:
