@@ -39,6 +39,7 @@ CANDIDATES: list[dict[str, Any]] = [  # in run order; --candidates N runs the fi
     {"blocks": "every3", "token_rank": 16, "channel_rank": 32, "pool": "cls", "dropout": 0.1},
     {"blocks": "last4", "token_rank": 8, "channel_rank": 16, "pool": "cls", "dropout": 0.1},
 ]
+ALL_CANDIDATES: list[dict[str, Any]] = []
 CODECS = ("int8-channel", "int8-token", "int4-channel")
 
 
@@ -283,8 +284,14 @@ Choice of the defaults on val200 (test never read here):
 
 {sweep_table}
 
-Chosen: {_name(chosen)} (best val top-1; ties to fewer bytes, then fewer MACs). Final: val {_pct(final['val_top1'])}
-(train800 run), refit for its best epochs, **test {_pct(codecs['fp32']['top1'])}**; {final['train_seconds']:.0f} s
+Why these candidates: `every3` and `every6` ask how many blocks the side network needs (4 vs 2 tensors: bytes
+and edge MACs halve), `mean` vs `cls` is MIST's own pooling question; ranks 8 / 16 keep one epoch affordable on
+this machine. This run trained {len(sweep)} candidates for at most {TRAIN['epochs']} epochs each (the script's
+list has {len(ALL_CANDIDATES)}; `--candidates` and `--epochs` cut it to fit a 2-core machine at load ~15-18, where one
+epoch took the s / epoch above); rank 16 / 32 and `last4` were not run: the method's defaults are the best of what
+ran. Chosen: {_name(chosen)} (best val top-1; ties to fewer bytes, then fewer MACs). Final: val
+{_pct(final['val_top1'])} (train800 run), refit for its best epochs, **test {_pct(codecs['fp32']['top1'])}**;
+{final['train_seconds']:.0f} s
 training ({final['epochs_run']} epochs with per-epoch val on train800, then the refit on train800 + val200).
 
 Next to MIST and linear (their numbers from the `train`, `codec` and `export` sections above; bytes before zstd):
@@ -331,6 +338,7 @@ def main() -> None:
     TRAIN["epochs"] = args.epochs
     TRAIN["patience"] = min(TRAIN["patience"], args.patience)
     TRAIN["lr"] = args.lr
+    ALL_CANDIDATES.extend(CANDIDATES)
     del CANDIDATES[args.candidates:]
     args.cache = args.work / "cache"
     ensure_weights(args.weights)
