@@ -36,6 +36,8 @@ CANDIDATES: list[dict[str, Any]] = [  # in run order; --candidates N runs the fi
     {"blocks": "every3", "token_rank": 8, "channel_rank": 16, "pool": "cls", "dropout": 0.1},
     {"blocks": "every6", "token_rank": 8, "channel_rank": 16, "pool": "cls", "dropout": 0.1},
     {"blocks": "every3", "token_rank": 8, "channel_rank": 16, "pool": "mean", "dropout": 0.1},
+    {"blocks": "every6", "token_rank": 16, "channel_rank": 32, "pool": "cls", "dropout": 0.1},
+    {"blocks": "last2", "token_rank": 8, "channel_rank": 16, "pool": "cls", "dropout": 0.1},
     {"blocks": "every3", "token_rank": 16, "channel_rank": 32, "pool": "cls", "dropout": 0.1},
     {"blocks": "last4", "token_rank": 8, "channel_rank": 16, "pool": "cls", "dropout": 0.1},
 ]
@@ -285,11 +287,12 @@ Choice of the defaults on val200 (test never read here):
 {sweep_table}
 
 Why these candidates: `every3` and `every6` ask how many blocks the side network needs (4 vs 2 tensors: bytes
-and edge MACs halve), `mean` vs `cls` is MIST's own pooling question; ranks 8 / 16 keep one epoch affordable on
-this machine. This run trained {len(sweep)} candidates for at most {TRAIN['epochs']} epochs each (the script's
+and edge MACs halve), `last2` whether 2 late blocks beat 2 spread ones at the same bytes, `mean` vs `cls` is
+MIST's own pooling question, and r 16 / 32 vs 8 / 16 the ranks (8 / 16 keeps one epoch affordable here).
+This run trained {len(sweep)} candidates for at most {TRAIN['epochs']} epochs each (the script's
 list has {len(ALL_CANDIDATES)}; `--candidates` and `--epochs` cut it to fit a 2-core machine at load ~15-18, where one
-epoch took the s / epoch above); rank 16 / 32 and `last4` were not run: the method's defaults are the best of what
-ran. Chosen: {_name(chosen)} (best val top-1; ties to fewer bytes, then fewer MACs). Final: val
+epoch took the s / epoch above); candidates not in the table were not run: the method's defaults are the best of
+what ran. Chosen: {_name(chosen)} (best val top-1; ties to fewer bytes, then fewer MACs). Final: val
 {_pct(final['val_top1'])} (train800 run), refit for its best epochs, **test {_pct(codecs['fp32']['top1'])}**;
 {final['train_seconds']:.0f} s
 training ({final['epochs_run']} epochs with per-epoch val on train800, then the refit on train800 + val200).
