@@ -65,6 +65,7 @@ def test_zero_init_side_network_outputs_the_last_consumed_block(pool: str) -> No
     """y = z_last + (h - h_0) and every mixer's output layers are zero: y is z_last bit for bit, so the embedding
     is the final norm of the last consumed block's tokens, pooled."""
     model = _losa(blocks="every2", pool=pool).eval()
+    assert len(model.mixers) == 3
     x = _inputs(model, 4, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(model.side_output(x), x["z6"], atol=0, rtol=0)
@@ -126,7 +127,8 @@ def test_cost_equals_hand_count_and_torch_flop_counter(blocks: str, rt: int, rc:
 def test_pooled_codec_shrinks_the_token_mixer() -> None:
     """A pooling codec sends T' < T tokens: the token MLPs are built on T' and the MACs count T'."""
     model = create_edge_method("losa", backbone=BackboneShape(D, 17, 1, N), depth=None, num_classes=C,
-                               params={"blocks": "every3"}, inputs={"z3": (5, D), "z6": (5, D)})
+                               params={"blocks": "every3", "token_rank": 16, "channel_rank": 32},
+                               inputs={"z3": (5, D), "z6": (5, D)})
     assert model.mixers[0].token_in.in_features == 5
     assert model.macs_per_image() == 2 * 2 * 5 * D * (16 + 32) + D * C
 
@@ -151,7 +153,8 @@ def losa_run(digits_lists: dict, tiny_weights: Path, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("losa")
     req = TrainRequest(backbone="test_vit", weights=str(tiny_weights), img_size=32, train=str(digits_lists["train"]),
                        val=str(digits_lists["val"]), test=str(digits_lists["test"]), out=out, method="losa",
-                       method_params={"blocks": "every2"}, params=TrainParams(epochs=2, lr=1e-2, seed=0),
+                       method_params={"blocks": "every2", "token_rank": 16, "channel_rank": 32},
+                       params=TrainParams(epochs=2, lr=1e-2, seed=0),
                        progress=False, cache_dir=out / "cache")
     report = run_training(req, log=lambda _m: None, codec={"name": "int8-channel"})
     export = export_bundle(report["checkpoint"], out / "bundle", log=lambda _m: None)
@@ -159,7 +162,7 @@ def losa_run(digits_lists: dict, tiny_weights: Path, tmp_path_factory) -> dict:
     return {"report": report, "export": export, "bundle": out / "bundle"}
 
 
-HAND_MACS = 3 * (D * 2 * T * 16 + T * 2 * D * 32) + D * C  # every2 on 6 blocks = 3 mixers, default ranks 16 / 32
+HAND_MACS = 3 * (D * 2 * T * 16 + T * 2 * D * 32) + D * C  # every2 on 6 blocks = 3 mixers, ranks 16 / 32
 
 
 def test_tiny_losa_trains_and_its_bundle_sends_three_tensors(losa_run: dict) -> None:
