@@ -5,12 +5,12 @@ export -> extract -> run-edge -> finetune-edge -> serve-cloud sending three tens
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from edge_path import check_device_path
 from typer.testing import CliRunner
 
 from mist_kit.cli.app import app
@@ -204,23 +204,9 @@ def test_tiny_losa_bundle_chain_equals_torch(losa_run: dict, digits_lists: dict)
 def test_tiny_losa_extract_run_edge_finetune_serve_and_devices_check(losa_run: dict, digits_lists: dict,
                                                                       tmp_path: Path) -> None:
     from mist_kit.data import load_image_list
-    from mist_kit.runtime.codec.extract import extract
     from mist_kit.runtime.v2_server import serve_roundtrip
 
-    bundle = Path(shutil.copytree(losa_run["bundle"], tmp_path / "bundle"))
-    feats = {s: tmp_path / f"{s}.safetensors" for s in ("train", "test")}
-    for split, path in feats.items():
-        extract(bundle, digits_lists[split], path, batch_size=64)
-    res = runner.invoke(app, ["run-edge", "--device", "rpi4", "--bundle", str(bundle), "--features",
-                              str(feats["test"]), "--json", "--no-cap"])
-    assert res.exit_code == 0, res.stderr
-    assert abs(json.loads(res.stdout)["top1"] - losa_run["report"]["test_top1"]) <= 0.03
-    res = runner.invoke(app, ["finetune-edge", "--device", "rpi4", "--bundle", str(bundle), "--features",
-                              str(feats["train"]), "--eval", str(feats["test"]), "--json", "--no-cap",
-                              "--state", str(tmp_path / "state")])
-    assert res.exit_code == 0, res.stderr
-    ft = json.loads(res.stdout)
-    assert ft["eval_top1_after"] >= ft["eval_top1_before"] - 0.05
+    bundle, _ = check_device_path(losa_run["bundle"], digits_lists, losa_run["report"]["test_top1"], tmp_path)
     paths = list(load_image_list(digits_lists["test"]).paths[:8])
     sent, report = serve_roundtrip(bundle, paths, batch=4)
     assert set(sent) == {"z2_q", "z4_q", "z6_q"} and report["max_abs_diff_vs_in_process"] == 0.0
