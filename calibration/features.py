@@ -52,12 +52,10 @@ def find_cached_split(config: CheckpointConfig, source: str | None, plan: CloudP
     """The complete cache of dataset `source` bound to this checkpoint's backbone and holding the plan's tensors.
 
     `precision` defaults to the backbone precision the checkpoint trained with (a bf16-trained checkpoint's
-    caches are bf16 ones: export must find them for codec calibration and the int8 gate).
-
-    The binding is recomputed from the image list (names, labels, bytes), as training computed it; a list that is
-    not readable here has no usable cache. `precision` defaults to the one the checkpoint's training cache used.
+    caches are bf16 ones: export must find them for codec calibration and the int8 gate). The binding is
+    recomputed from the image list (names, labels, bytes), as training computed it; a list that is not readable
+    here has no usable cache.
     """
-    precision = precision or str(config.training.get("backbone_precision", "fp32"))
     from mist_kit.featurize import cache_binding
 
     precision = precision or str(config.training.get("backbone_precision") or "fp32")
