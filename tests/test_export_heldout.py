@@ -87,3 +87,22 @@ def test_refit_checkpoint_exports_with_eval_data(tiny_checkpoint: dict, digits_l
                               f"held-out: 300 images of {digits_lists['test']}"]
     test = load_image_list(digits_lists["test"])
     assert 0.5 < parity["edge_top1_fp32"] <= 1.0 and len(test) > 300
+
+
+def test_bf16_trained_checkpoint_exports_from_its_own_caches(digits_lists: dict, tiny_weights: Path,
+                                                            tmp_path: Path) -> None:
+    """A checkpoint trained on a bf16 cache finds that cache at export (default codec calibration and the int8
+    gate's held-out rows), instead of falling back to fp32 features or re-running the backbone."""
+    from mist_kit.exporters.export import export_bundle
+    from mist_kit.pipeline import TrainRequest, run_training
+    from mist_kit.train import TrainParams
+
+    req = TrainRequest(backbone="test_vit", weights=str(tiny_weights), img_size=32, train=str(digits_lists["train"]),
+                       val=str(digits_lists["val"]), out=tmp_path / "bf16", k=2, backbone_precision="bf16",
+                       params=TrainParams(epochs=1, lr=1e-2, seed=0), progress=False)
+    report = run_training(req, log=lambda _m: None)
+    logs: list[str] = []
+    exported = export_bundle(report["checkpoint"], tmp_path / "bundle", log=logs.append)
+    assert exported.ok, exported.problems
+    assert exported.manifest["cloud"]["plan"]["tensors"][0]["codec"]["name"] == "int8-channel"
+    assert any("cached" in n for n in exported.data) and not any("computing" in m for m in logs), logs
