@@ -398,4 +398,5 @@ def write_plot(result: CompareResult, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+    Path(path).chmod(0o644)  # the temp file was owner-only; a plot is meant to be shared
     return Path(path)

@@ -97,7 +97,8 @@ def compare(
                               soft_wrap=True)
         if result.best is not None:
             b = result.best
-            console.print(f"best that fits {result.device}: {b['method']} at k={b['k']} with {b['codec']} "
+            depth = "" if b["k"] is None else f" at k={b['k']}"
+            console.print(f"best that fits {result.device}: {b['method']}{depth} with {b['codec']} "
                           f"(val {100 * b['val_top1']:.2f}%, {b['bytes_per_image']:,} B/image). Reproduce:",
                           highlight=False)
             for cmd in result.reproduce:
