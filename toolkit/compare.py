@@ -219,7 +219,7 @@ def run_compare(req: CompareRequest, log: Log = print) -> CompareResult:
     from mist_kit.data import load_image_list
     from mist_kit.devices.profiles import get_device
     from mist_kit.edge import get_edge_method
-    from mist_kit.pipeline import TrainRequest, run_training
+    from mist_kit.pipeline import TrainRequest
     from mist_kit.train import TrainParams
 
     profile = get_device(req.device)
@@ -254,7 +254,7 @@ def run_compare(req: CompareRequest, log: Log = print) -> CompareResult:
                 log(f"[{n}/{total}] {rid}: training{' (depth search on val)' if searches else ''}")
                 t0 = time.perf_counter()
                 try:
-                    row = _one_row(req, base, profile, method, codec, chosen_k, out, log, run_training)
+                    row = _one_row(req, base, profile, method, codec, chosen_k, out, log)
                 except MistError as exc:
                     row = {"method": method, "codec": codec, "k": chosen_k, "error": str(exc)}
                     log(f"[{n}/{total}] {rid}: skipped ({exc})")
@@ -306,10 +306,12 @@ def _fill_cache(base: Any, methods: Sequence[str], log: Log) -> None:
 
 
 def _one_row(req: CompareRequest, base: Any, profile: Any, method: str, codec: str, k: int | None, out: Path,
-             log: Log, run_training: Any) -> dict[str, Any]:
+             log: Log) -> dict[str, Any]:
+    """Train, export and measure one (method, codec) pair at depth `k` (None: search it on val)."""
     from mist_kit.calibration.features import find_cached_split
     from mist_kit.checkpoint import load_checkpoint
     from mist_kit.exporters.export import export_bundle
+    from mist_kit.pipeline import run_training
     from mist_kit.runtime.codec.plan_codecs import encode_all, plan_codecs
     from mist_kit.runtime.manifest import open_bundle
 
