@@ -168,4 +168,5 @@ def methods() -> None:
 
     for name in list_edge_methods():
         cls = get_edge_method(name)
-        typer.echo(f"{name}\t{cls.depth_name}\t{(cls.__doc__ or '').strip().splitlines()[0]}")
+        depth = cls.depth_name if cls.searches_depth() else "-"  # what --k means for it, or "-" when it has none
+        typer.echo(f"{name}\t{depth}\t{(cls.__doc__ or '').strip().splitlines()[0]}")
