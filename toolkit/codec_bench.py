@@ -158,10 +158,10 @@ def _bench_bundle(names: list[str], bundle: str | Path, data: str, on_codec: OnC
     """Torch-free: features from cloud.onnx, accuracy through edge.onnx + head for layout-preserving codecs."""
     from mist_kit.data import load_image_list
     from mist_kit.runtime.bundle import open_edge_bundle
-    from mist_kit.runtime.codec import create_codec
     from mist_kit.runtime.codec.extract import cloud_batches, cloud_session
+    from mist_kit.runtime.codec.plan_codecs import plan_codecs
     from mist_kit.runtime.edge_session import EdgeSession
-    from mist_kit.runtime.manifest import manifest_codecs
+    from mist_kit.runtime.manifest import manifest_codecs, manifest_plan
 
     sess, manifest = cloud_session(bundle)
     edge = EdgeSession(open_edge_bundle(bundle))  # verifies edge.onnx + head; runs it as a device does
@@ -170,9 +170,8 @@ def _bench_bundle(names: list[str], bundle: str | Path, data: str, on_codec: OnC
     codecs = manifest_codecs(manifest)
     if len(codecs) != 1:
         raise UsageError(f"{bundle}: the bundle sends {sorted(codecs)}; codec bench compares codecs on one tensor")
-    (tensor, spec), = codecs.items()
-    base = create_codec({**spec, "tensor": tensor}) if spec.get("tokens") else \
-        create_codec({"name": "fp32", "tensor": tensor})
+    (tensor,) = codecs
+    base = plan_codecs(manifest_plan(manifest), codecs, int(manifest["backbone"]["num_prefix_tokens"]))[tensor]
     feats = np.concatenate([base.decode(t) for t in cloud_batches(sess, manifest, list(images.paths))])
     labels = np.asarray(images.labels)
     prefix = int(base.prefix if base.prefix is not None else 1)

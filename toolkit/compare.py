@@ -161,9 +161,8 @@ def _edge_ms(bundle: Path, profile: Any, encoded: dict[str, np.ndarray], repeats
     from mist_kit.runtime.edge_session import EdgeSession, SessionSettings
     from mist_kit.runtime.metrics import median_ms
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, min(profile.threads, cores))
-    session = EdgeSession(open_edge_bundle(bundle), SessionSettings.from_profile(profile, threads=threads))
+    session = EdgeSession(open_edge_bundle(bundle), SessionSettings.from_profile(profile))
+    threads = session.threads  # the profile's threads, capped at the cores this process may use
     n = len(next(iter(encoded.values())))
     rows = [{k: v[i:i + 1] for k, v in encoded.items()} for i in range(min(n, repeats))]
     it = iter(range(10 ** 9))

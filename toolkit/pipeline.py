@@ -188,7 +188,7 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
         log(f"epoch {epoch:3d}  " + "  ".join(parts))
 
     if cls.closed_form_head and vx is not None and depths == [None]:
-        return _finish_probe(req, spec, classes, cls, plans[None], tx[None], vx[None], y_train, y_val, transforms[None],
+        return _finish_probe(req, spec, classes, plans[None], tx[None], vx[None], y_train, y_val, transforms[None],
                              specs[None], splits, lists, build, cache_seconds, skipped, t_start, t_train, codec, log,
                              cache_root)
     results = _with_threads(req.train_threads, lambda: fit_candidates(models, tx, y_train, req.params, vx, y_val,
@@ -208,47 +208,55 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
         _with_threads(req.train_threads, lambda: fit(final, tx[chosen] + vx[chosen],  # type: ignore[index]
                                                      np.concatenate([y_train, y_val]),  # type: ignore[list-item]
                                                      refit_params, transform=transforms[chosen]))
-    train_seconds = time.perf_counter() - t_train
-    cost = final.cost()
+    return _report_and_save(req, spec, classes, final, chosen, plans[chosen], specs[chosen], transforms[chosen],
+                            splits, lists, cache_seconds, skipped, t_start, t_train, codec, cache_root,
+                            {"val_top1": val_top1, "epochs_run": {str(d): r.epochs_run for d, r in results.items()},
+                             "k_search": search}, {})
+
+
+def _report_and_save(req: TrainRequest, spec: Any, classes: tuple[str, ...], final: EdgeMethod, depth: int | None,
+                     plan: CloudPlan, codec_specs: dict[str, Any], transforms: Any, splits: dict[str, CachedSplit],
+                     lists: dict[str, Any], cache_seconds: float, skipped: int, t_start: float, t_train: float,
+                     codec: dict[str, Any] | None, cache_root: Path, fit_report: dict[str, Any],
+                     fit_training: dict[str, Any]) -> dict[str, Any]:
+    """The train report (the fit's own fields merged in), test top-1 when a test split is given, and the
+    checkpoint, written the same way for every training path."""
     report: dict[str, Any] = {
         "method": req.method,
-        "k": chosen,
-        "val_top1": val_top1,
+        "k": depth,
+        "val_top1": fit_report.pop("val_top1"),
         "trainable_params": final.trainable_params(),
-        "edge": cost.to_dict(),
+        "edge": final.cost().to_dict(),
         "cache_seconds": round(cache_seconds, 3),
         "cache_bytes_per_image": splits["train"].bytes_per_image(),
-        "train_seconds": round(train_seconds, 3),
-        "epochs_run": {str(d): r.epochs_run for d, r in results.items()},
-        "k_search": search,
-        "images": {name: len(splits[name].valid())
-                   for name, images in lists.items()},
+        "train_seconds": round(time.perf_counter() - t_train, 3),
+        **fit_report,
+        "images": {name: len(splits[name].valid()) for name in lists},
         "skipped_images": skipped,
         "refit": req.refit,
         "codec": (codec or {}).get("name", "fp32"),
-        "bytes_per_image": wire_bytes(plans[chosen], specs[chosen], spec.num_prefix_tokens),
+        "bytes_per_image": wire_bytes(plan, codec_specs, spec.num_prefix_tokens),
     }
     if "test" in splits:
-        x_test = splits["test"].inputs(plan_tensors(plans[chosen]))
-        report["test_top1"] = top1(predict_logits(final, x_test, transforms[chosen]), _labels(splits["test"]))
+        x_test = splits["test"].inputs(plan_tensors(plan))
+        report["test_top1"] = top1(predict_logits(final, x_test, transforms), _labels(splits["test"]))
     config = CheckpointConfig(
         backbone=spec,
-        method=MethodSpec(name=req.method, k=chosen, params=final.hparams()),
+        method=MethodSpec(name=req.method, k=depth, params=final.hparams()),
         classes=classes,
-        codecs=specs[chosen],
+        codecs=codec_specs,
         training={**req.params.__dict__, "refit": req.refit, "train": str(Path(req.train).resolve()),
-                  "val": str(Path(req.val).resolve()) if req.val else None,
+                  "val": str(Path(req.val).resolve()) if req.val else None, **fit_training,
                   "cache_dir": str(Path(cache_root).resolve()), "backbone_precision": req.backbone_precision},
         metrics={k: report[k] for k in ("val_top1", "test_top1") if k in report},
         version=__version__,
     )
-    ckpt_dir = save_checkpoint(req.out / "checkpoint", config, final)
-    report["checkpoint"] = str(ckpt_dir)
+    report["checkpoint"] = str(save_checkpoint(req.out / "checkpoint", config, final))
     report["total_seconds"] = round(time.perf_counter() - t_start, 3)
     return report
 
 
-def _finish_probe(req: TrainRequest, spec: Any, classes: tuple[str, ...], cls: Any, plan: CloudPlan,
+def _finish_probe(req: TrainRequest, spec: Any, classes: tuple[str, ...], plan: CloudPlan,
                   tx: InputRows, vx: InputRows, y_train: np.ndarray, y_val: np.ndarray, transforms: Any,
                   codec_specs: dict[str, Any], splits: dict[str, CachedSplit], lists: dict[str, Any], build: Any,
                   cache_seconds: float, skipped: int, t_start: float, t_train: float, codec: dict[str, Any] | None,
@@ -271,29 +279,11 @@ def _finish_probe(req: TrainRequest, spec: Any, classes: tuple[str, ...], cls: A
         final.head.weight.copy_(torch.from_numpy(res.weight))
         final.head.bias.copy_(torch.from_numpy(res.bias))
     final.eval()
-    report: dict[str, Any] = {
-        "method": req.method, "k": None, "val_top1": res.val_top1_by_C[res.C],
-        "trainable_params": final.trainable_params(), "edge": final.cost().to_dict(),
-        "cache_seconds": round(cache_seconds, 3), "cache_bytes_per_image": splits["train"].bytes_per_image(),
-        "train_seconds": round(time.perf_counter() - t_train, 3), "epochs_run": {},
-        "k_search": {}, "probe": {"C": res.C, "val_top1_by_C": {f"{c:g}": v for c, v in res.val_top1_by_C.items()}},
-        "images": {n: len(splits[n].valid()) for n in lists}, "skipped_images": skipped, "refit": req.refit,
-        "codec": (codec or {}).get("name", "fp32"), "bytes_per_image": wire_bytes(plan, codec_specs,
-                                                                                    spec.num_prefix_tokens),
-    }
-    if "test" in splits:
-        x_test = splits["test"].inputs(plan_tensors(plan))
-        report["test_top1"] = top1(predict_logits(final, x_test, transforms), _labels(splits["test"]))
-    config = CheckpointConfig(
-        backbone=spec, method=MethodSpec(name=req.method, k=None, params=final.hparams()), classes=classes,
-        codecs=codec_specs,
-        training={**req.params.__dict__, "refit": req.refit, "train": str(Path(req.train).resolve()),
-                  "val": str(Path(req.val).resolve()) if req.val else None, "probe_C": res.C,
-                  "cache_dir": str(Path(cache_root).resolve()), "backbone_precision": req.backbone_precision},
-        metrics={k: report[k] for k in ("val_top1", "test_top1") if k in report}, version=__version__)
-    report["checkpoint"] = str(save_checkpoint(req.out / "checkpoint", config, final))
-    report["total_seconds"] = round(time.perf_counter() - t_start, 3)
-    return report
+    probe = {"C": res.C, "val_top1_by_C": {f"{c:g}": v for c, v in res.val_top1_by_C.items()}}
+    return _report_and_save(req, spec, classes, final, None, plan, codec_specs, transforms, splits, lists,
+                            cache_seconds, skipped, t_start, t_train, codec, cache_root,
+                            {"val_top1": res.val_top1_by_C[res.C], "epochs_run": {}, "k_search": {}, "probe": probe},
+                            {"probe_C": res.C})
 
 
 def wire_bytes(plan: CloudPlan, specs: dict[str, dict[str, Any]], prefix: int) -> int:
