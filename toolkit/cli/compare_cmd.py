@@ -63,6 +63,8 @@ def compare(
     max_bytes: Annotated[str | None, typer.Option(help="Link budget per image, e.g. 16KB")] = None,
     max_latency_ms: Annotated[float | None, typer.Option(help="Edge latency budget per image (host timing)")]
     = None,
+    k: Annotated[str | None, typer.Option("--k", help="Fix a method's depth instead of searching it on val, "
+                                          "e.g. mist=4,vitsplit=9")] = None,
     epochs: Annotated[int, typer.Option(help="Maximum epochs per training (early stopping on val)")] = 30,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root (default OUT/cache)")] = None,
@@ -72,12 +74,13 @@ def compare(
 ) -> None:
     """Rank methods x codecs on accuracy, bytes, edge latency and memory for a device and a link; pick the best
     that fits and print the commands that reproduce it. Finished rows are kept: rerun to resume."""
-    from mist_kit.compare import CompareRequest, parse_bytes, run_compare, write_plot
+    from mist_kit.compare import CompareRequest, parse_bytes, parse_depths, run_compare, write_plot
 
     req = CompareRequest(backbone=backbone, weights=str(weights) if weights else None, img_size=img_size,
                          train=train, val=val, test=test, out=out, methods=_split(methods, "--methods"),
                          codecs=_split(codecs, "--codecs"), device=device, max_bytes=parse_bytes(max_bytes),
                          max_latency_ms=max_latency_ms, epochs=epochs, seed=seed, cache_dir=cache_dir,
+                         depths=parse_depths(k),
                          progress=not (json_out or quiet))
     log = logger(quiet)
     result = run_compare(req, log=log)
