@@ -38,7 +38,8 @@ def render(result: Any) -> Table:
         mark = "yes" if r["fits"] else "no"
         if result.best is r:
             mark = "BEST"
-        table.add_row(r["method"], r["codec"], str(r["k"]), _pct(r["val_top1"]), _pct(r["test_top1"]),
+        depth = "-" if r["k"] is None else str(r["k"])
+        table.add_row(r["method"], r["codec"], depth, _pct(r["val_top1"]), _pct(r["test_top1"]),
                       f"{r['bytes_per_image']:,}", f"{r['bytes_per_image_zstd']:,.0f}", f"{r['edge_params']:,}",
                       f"{r['edge_macs_per_image'] / 1e6:.2f}", f"{r['edge_ms']:.3f}",
                       f"{r['inference_rss_mb']:.0f}/{r['finetune_rss_mb']:.0f}", mark)
