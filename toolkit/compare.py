@@ -59,6 +59,7 @@ class CompareRequest:
     seed: int = 0
     cache_dir: Path | None = None
     backbone_precision: str = "fp32"
+    train_precision: str = "fp32"
     depths: dict[str, int] = field(default_factory=dict)  # a method's fixed depth instead of its search on val
     progress: bool = True
 
@@ -77,6 +78,11 @@ class CompareRequest:
         for m in self.depths:
             if m not in self.methods:
                 raise UsageError(f"--k {m}=...: {m!r} is not one of --methods ({', '.join(self.methods)})")
+        if self.backbone_precision not in ("fp32", "bf16"):
+            raise UsageError(f"--backbone-precision must be fp32 or bf16, got {self.backbone_precision!r}")
+        from mist_kit.train import TrainParams
+
+        TrainParams(precision=self.train_precision)  # bf16 on a CPU without it: one line, before any work
         if self.max_bytes is not None and self.max_bytes < 1:
             raise UsageError(f"--max-bytes must be >= 1, got {self.max_bytes}")
         if self.max_latency_ms is not None and not self.max_latency_ms > 0:
@@ -130,7 +136,8 @@ def _settings(req: CompareRequest, method: str) -> dict[str, Any]:
         weights = f"{Path(req.weights).resolve()}:{st.st_size}:{int(st.st_mtime)}"
     return {"backbone": req.backbone, "weights": weights, "img_size": req.img_size, "train": req.train,
             "val": req.val, "test": req.test, "epochs": req.epochs, "seed": req.seed,
-            "backbone_precision": req.backbone_precision, "depth": req.depths.get(method)}
+            "backbone_precision": req.backbone_precision, "train_precision": req.train_precision,
+            "depth": req.depths.get(method)}
 
 
 def _load_rows(path: Path) -> dict[str, dict[str, Any]]:
@@ -149,7 +156,9 @@ def _load_rows(path: Path) -> dict[str, dict[str, Any]]:
 def _changed(kept: dict[str, Any], now: dict[str, Any]) -> str | None:
     """None when a kept row was made under `now`'s settings, else what differs (for the log line)."""
     then = kept.get("settings") or {}
-    diff = [f"{k} {then.get(k)!r} -> {v!r}" for k, v in now.items() if then.get(k) != v]
+    defaults = {"train_precision": "fp32"}  # a setting added later: rows made before it used its default
+    diff = [f"{k} {then.get(k, defaults.get(k))!r} -> {v!r}" for k, v in now.items()
+            if then.get(k, defaults.get(k)) != v]
     return ", ".join(diff) or None
 
 
@@ -229,6 +238,10 @@ def _reproduce(req: CompareRequest, row: dict[str, Any]) -> list[str]:
     k = "" if row["k"] is None else f" --k {row['k']}"
     test = f" --test {req.test}" if req.test else ""
     out = f"runs/{row['method']}-{row['codec']}"
+    if req.backbone_precision != "fp32":
+        test += f" --backbone-precision {req.backbone_precision}"
+    if req.train_precision != "fp32":
+        test += f" --train-precision {req.train_precision}"
     return [f"mist-kit train --backbone {req.backbone}{weights}{size} --train {req.train} --val {req.val}{test} "
             f"--method {row['method']}{k} --codec {row['codec']} --epochs {req.epochs} --seed {req.seed} "
             f"--out {out}",
@@ -272,8 +285,8 @@ def run_compare(req: CompareRequest, log: Log = print) -> CompareResult:
         log(f"resuming: {len(done)} finished rows in {rows_path}")
     base = TrainRequest(backbone=req.backbone, weights=req.weights, img_size=req.img_size, train=req.train,
                         val=req.val, test=req.test, out=out / "runs" / "_", cache_dir=cache_dir,
-                        params=TrainParams(epochs=req.epochs, seed=req.seed), progress=req.progress,
-                        backbone_precision=req.backbone_precision)
+                        params=TrainParams(epochs=req.epochs, seed=req.seed, precision=req.train_precision),
+                        progress=req.progress, backbone_precision=req.backbone_precision)
     _fill_cache(base, req.methods, log)
     notes = [f"host timings: the edge graph ran here ({_host()}) with {profile.name}'s threads capped at this "
              "host's cores; they rank the rows, they are not the device's milliseconds"]

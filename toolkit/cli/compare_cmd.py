@@ -67,6 +67,8 @@ def compare(
     k: Annotated[str | None, typer.Option("--k", help="Fix a method's depth instead of searching it on val, "
                                           "e.g. mist=4,vitsplit=9")] = None,
     epochs: Annotated[int, typer.Option(help="Maximum epochs per training (early stopping on val)")] = 30,
+    backbone_precision: Annotated[str, typer.Option(help="Backbone precision while caching: fp32 | bf16")] = "fp32",
+    train_precision: Annotated[str, typer.Option(help="Edge training precision: fp32 | bf16 (autocast)")] = "fp32",
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root (default OUT/cache)")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the Pareto plot (PNG) here")] = None,
@@ -81,7 +83,8 @@ def compare(
                          train=train, val=val, test=test, out=out, methods=_split(methods, "--methods"),
                          codecs=_split(codecs, "--codecs"), device=device, max_bytes=parse_bytes(max_bytes),
                          max_latency_ms=max_latency_ms, epochs=epochs, seed=seed, cache_dir=cache_dir,
-                         depths=parse_depths(k),
+                         depths=parse_depths(k), backbone_precision=backbone_precision,
+                         train_precision=train_precision,
                          progress=not (json_out or quiet))
     log = logger(quiet)
     result = run_compare(req, log=log)
