@@ -183,14 +183,16 @@ def _verdict(row: dict[str, Any], profile: Any, req: CompareRequest) -> tuple[bo
 
 def _reproduce(req: CompareRequest, row: dict[str, Any]) -> list[str]:
     """The `train` / `export` commands that rebuild a row's model and bundle."""
+    from mist_kit.train import TrainParams
+
     weights = f" --weights {req.weights}" if req.weights else ""
     size = f" --img-size {req.img_size}" if req.img_size else ""
     k = "" if row["k"] is None else f" --k {row['k']}"
     test = f" --test {req.test}" if req.test else ""
     out = f"runs/{row['method']}-{row['codec']}"
     return [f"mist-kit train --backbone {req.backbone}{weights}{size} --train {req.train} --val {req.val}{test} "
-            f"--method {row['method']}{k} --codec {row['codec']} --epochs {req.epochs} --seed {req.seed} "
-            f"--out {out}",
+            f"--method {row['method']}{k} --codec {row['codec']} --epochs {req.epochs} --min-steps "
+            f"{TrainParams().min_steps} --no-refit --seed {req.seed} --out {out}",
             f"mist-kit export {out} --out bundles/{row['method']}-{row['codec']} --split --quantize int8"]
 
 
@@ -232,7 +234,8 @@ def run_compare(req: CompareRequest, log: Log = print) -> CompareResult:
     base = TrainRequest(backbone=req.backbone, weights=req.weights, img_size=req.img_size, train=req.train,
                         val=req.val, test=req.test, out=out / "runs" / "_", cache_dir=cache_dir,
                         params=TrainParams(epochs=req.epochs, seed=req.seed), progress=req.progress,
-                        backbone_precision=req.backbone_precision)
+                        backbone_precision=req.backbone_precision,
+                        refit=False)  # each row's export gates int8 on val: it must stay held out
     _fill_cache(base, req.methods, log)
     notes = [f"host timings: the edge graph ran here ({_host()}) with {profile.name}'s threads capped at this "
              "host's cores; they rank the rows, they are not the device's milliseconds"]

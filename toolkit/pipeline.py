@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +53,7 @@ class TrainRequest:
     ks: tuple[int, ...] | None = None  # candidate depths; default: the method's own (MIST: N/3, 2N/3, N)
     method_params: dict[str, Any] = field(default_factory=dict)
     params: TrainParams = field(default_factory=TrainParams)
-    refit: bool = False
+    refit: bool | None = None  # None: refit on train + val whenever val is given (the VTAB protocol); see run_training
     cache_dir: Path | None = None
     skip_bad: bool = False
     backbone_batch: int = 32
@@ -70,6 +70,8 @@ class TrainRequest:
                              "with --k INT")
         if self.refit and self.val is None:
             raise UsageError("--refit retrains on train + val: it needs --val DATA")
+        if self.refit is None:  # frozen: resolve the default once, so reports and checkpoints record a bool
+            object.__setattr__(self, "refit", self.val is not None)
         if self.backbone_precision not in ("fp32", "bf16"):
             raise UsageError(f"--backbone-precision must be fp32 or bf16, got {self.backbone_precision!r}")
 
@@ -165,6 +167,11 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
         splits[name], cache_seconds, skipped = split, cache_seconds + secs, skipped + skip
     y_train = _labels(splits["train"])
     y_val = _labels(splits["val"]) if "val" in splits else None
+    scaled = req.params.for_rows(len(y_train))
+    if scaled.epochs != req.params.epochs and not cls.closed_form_head:
+        log(f"{len(y_train)} training images: at least {req.params.min_steps} optimiser steps, so epochs "
+            f"{req.params.epochs} -> {scaled.epochs}, patience {req.params.patience} -> {scaled.patience}, warmup "
+            f"{req.params.warmup_epochs} -> {scaled.warmup_epochs} (--min-steps 0 keeps them as given)")
     t_train = time.perf_counter()
     tx = {d: splits["train"].inputs(plan_tensors(p)) for d, p in plans.items()}
     vx = {d: splits["val"].inputs(plan_tensors(p)) for d, p in plans.items()} if "val" in splits else None
@@ -204,14 +211,15 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
         epochs = max(1, best.best_epoch)
         log(f"refit on train + val for {epochs} epochs ({cls.depth_name}={chosen})")
         final = build(chosen)
-        refit_params = TrainParams(**{**req.params.__dict__, "epochs": epochs})
+        # the search's schedule (min_steps applied for the train rows, warmup included), cut at the best epoch
+        refit_params = replace(req.params.for_rows(len(y_train)), epochs=epochs)
         _with_threads(req.train_threads, lambda: fit(final, tx[chosen] + vx[chosen],  # type: ignore[index]
                                                      np.concatenate([y_train, y_val]),  # type: ignore[list-item]
                                                      refit_params, transform=transforms[chosen]))
     return _report_and_save(req, spec, classes, final, chosen, plans[chosen], specs[chosen], transforms[chosen],
                             splits, lists, cache_seconds, skipped, t_start, t_train, codec, cache_root,
-                            {"val_top1": val_top1, "epochs_run": {str(d): r.epochs_run for d, r in results.items()},
-                             "k_search": search}, {})
+                            {"val_top1": val_top1, "val_loss": best.best_val_loss,
+                             "epochs_run": {str(d): r.epochs_run for d, r in results.items()}, "k_search": search}, {})
 
 
 def _report_and_save(req: TrainRequest, spec: Any, classes: tuple[str, ...], final: EdgeMethod, depth: int | None,
@@ -282,7 +290,8 @@ def _finish_probe(req: TrainRequest, spec: Any, classes: tuple[str, ...], plan: 
     probe = {"C": res.C, "val_top1_by_C": {f"{c:g}": v for c, v in res.val_top1_by_C.items()}}
     return _report_and_save(req, spec, classes, final, None, plan, codec_specs, transforms, splits, lists,
                             cache_seconds, skipped, t_start, t_train, codec, cache_root,
-                            {"val_top1": res.val_top1_by_C[res.C], "epochs_run": {}, "k_search": {}, "probe": probe},
+                            {"val_top1": res.val_top1_by_C[res.C], "val_loss": res.val_loss_by_C[res.C],
+                             "epochs_run": {}, "k_search": {}, "probe": probe},
                             {"probe_C": res.C})
 
 

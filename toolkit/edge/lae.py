@@ -72,7 +72,7 @@ class LowRankAttentionEdge(EdgeMethod):
     depth_name = "k"
 
     def __init__(self, *, backbone: BackboneShape, depth: int | None, inputs: InputShapes, num_classes: int,
-                 rank: int = 16, depth_blocks: int = 4, pool: str = "cls", dropout: float = 0.0,
+                 rank: int = 16, depth_blocks: int = 4, pool: str = "cls", dropout: float = 0.1,
                  **legacy: Any) -> None:
         super().__init__(backbone=backbone, depth=depth, inputs=inputs, num_classes=num_classes)
         if "depth" in legacy:  # checkpoints before bundle format 2 called the block count `depth`
