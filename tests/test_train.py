@@ -62,7 +62,8 @@ def test_candidates_stop_early_independently() -> None:
     noise = {"signal": x, "noise": np.random.default_rng(5).normal(size=x.shape).astype(np.float16)}
     vnoise = {"signal": vx, "noise": np.random.default_rng(6).normal(size=vx.shape).astype(np.float16)}
     models = {"signal": _lae(), "noise": _lae()}
-    res = fit_candidates(models, noise, y, TrainParams(epochs=20, min_steps=0, lr=1e-2, patience=3), vnoise, vy)
+    res = fit_candidates(models, noise, y, TrainParams(epochs=20, min_steps=0, lr=1e-2, patience=3,
+                                                                   prune_margin=None), vnoise, vy)
     assert res["signal"].best_val_top1 > res["noise"].best_val_top1 + 0.3
     assert res["noise"].epochs_run == res["noise"].best_epoch + 3 < 20  # stopped 3 epochs after its best
     for r in res.values():
@@ -97,6 +98,7 @@ def test_default_recipe_and_min_steps_floor() -> None:
     assert p.for_rows(800) == TrainParams(min_steps=0)  # 25 steps x 20 epochs = 500 already: unchanged
     small = p.for_rows(94)  # 3 steps per epoch: factor 500 / 60
     assert (small.epochs, small.patience, small.warmup_epochs, small.min_steps) == (167, 34, 17, 0)
+    assert small.prune_after == 25 and p.prune_margin == 0.1  # pruning waits as many steps as on a large task
     assert small.for_rows(94) == small  # applied once
     assert TrainParams(epochs=3, min_steps=0).for_rows(10).epochs == 3
     with pytest.raises(UsageError, match="--min-steps"):

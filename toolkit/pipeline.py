@@ -60,6 +60,7 @@ class TrainRequest:
     backbone_precision: str = "fp32"  # "bf16": faster caching on AMX CPUs, ~0.3% feature error (see run_backbone)
     train_threads: int = 1  # torch threads while training edge networks (see _with_threads)
     progress: bool = True
+    seeds: tuple[int, ...] | None = None  # several: one model per seed (OUT/seed-N), mean and sd (run_seeds)
 
     def __post_init__(self) -> None:
         if self.weights is not None and self.pretrained:
@@ -72,6 +73,8 @@ class TrainRequest:
             raise UsageError("--refit retrains on train + val: it needs --val DATA")
         if self.refit is None:  # frozen: resolve the default once, so reports and checkpoints record a bool
             object.__setattr__(self, "refit", self.val is not None)
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise UsageError(f"--seeds must list distinct integers, got {list(self.seeds)}")
         if self.backbone_precision not in ("fp32", "bf16"):
             raise UsageError(f"--backbone-precision must be fp32 or bf16, got {self.backbone_precision!r}")
 
@@ -137,6 +140,59 @@ def _calibrated_codecs(codec: dict[str, Any] | None, tx: dict[Any, InputRows], p
     return fitted
 
 
+def run_seeds(req: TrainRequest, log: Log = print, codec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One full training (search, refit, test) per seed in `req.seeds`, each in OUT/seed-N, on one shared cache.
+
+    The report is the chosen seed's own, plus `seeds`: mean and sample sd of val and test top-1 over the seeds (test
+    is scored once per seed, by its own run) and every seed's numbers. The chosen seed is the one with the best val
+    top-1 (ties: lower val loss, then the first listed), never test; its checkpoint is copied to OUT/checkpoint so
+    `evaluate OUT` and `export OUT` use it.
+    """
+    import shutil
+
+    from mist_kit.atomic import atomic_dir
+
+    seeds = list(req.seeds or (req.params.seed,))
+    cache_dir = req.cache_dir or (req.out / "cache")  # one backbone pass serves every seed
+    reports: dict[int, dict[str, Any]] = {}
+    for i, seed in enumerate(seeds):
+        log(f"seed {seed} ({i + 1}/{len(seeds)}): training into {req.out / f'seed-{seed}'}")
+        one = replace(req, out=req.out / f"seed-{seed}", cache_dir=cache_dir, seeds=None,
+                      params=replace(req.params, seed=seed))
+        reports[seed] = run_training(one, log, codec)
+    chosen = choose_seed(reports)
+    with atomic_dir(req.out / "checkpoint") as tmp:
+        shutil.copytree(reports[chosen]["checkpoint"], tmp, dirs_exist_ok=True)
+
+    def spread(key: str) -> dict[str, float] | None:
+        vals = [r[key] for r in reports.values() if r.get(key) is not None]
+        if not vals:
+            return None
+        return {"mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                "n": len(vals)}
+
+    summary = {"seeds": seeds, "chosen_seed": chosen, "chosen_by": "val_top1, then val_loss",
+               "val_top1": spread("val_top1"), "test_top1": spread("test_top1"),
+               "train_seconds": round(sum(r["train_seconds"] for r in reports.values()), 3),
+               "per_seed": [{"seed": sd, **{key: reports[sd].get(key) for key in
+                                            ("k", "val_top1", "val_loss", "test_top1", "train_seconds", "checkpoint")}}
+                            for sd in seeds]}
+    log(f"seeds {seeds}: val top-1 {_pm(summary['val_top1'])}" + (f", test top-1 {_pm(summary['test_top1'])}"
+        if summary["test_top1"] else "") + f"; top-level checkpoint = seed {chosen} (best val)")
+    return {**reports[chosen], "checkpoint": str(req.out / "checkpoint"), "seeds": summary}
+
+
+def choose_seed(reports: dict[int, dict[str, Any]]) -> int:
+    """The seed whose run has the best val top-1 (ties: lower val loss, then the first listed); test never looks."""
+    order = list(reports)
+    return min(order, key=lambda sd: (-(reports[sd]["val_top1"] or 0.0), reports[sd].get("val_loss") or 0.0,
+                                      order.index(sd)))
+
+
+def _pm(stat: dict[str, float] | None) -> str:
+    return "-" if stat is None else f"{100 * stat['mean']:.2f} +- {100 * stat['sd']:.2f}"
+
+
 def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | None = None) -> dict[str, Any]:
     """Cache features, choose the depth on val (or use the given one), train the final model, save it, report.
 
@@ -144,6 +200,8 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
     `codec` ({"name": ...}) is applied to every tensor the method's plan sends, calibrated per tensor; the edge
     network trains on its encode->decode round trip, as the device will receive it.
     """
+    if req.seeds is not None:
+        return run_seeds(req, log, codec)
     t_start = time.perf_counter()
     cls = get_edge_method(req.method)
     model_bb, spec = load_backbone(req.backbone, img_size=req.img_size, weights=req.weights,

@@ -51,7 +51,7 @@ class TrainParams:
     patience: int = 4
     seed: int = 0
     min_steps: int = 500
-    prune_margin: float | None = None  # stop a candidate trailing the best val top-1 by more than this
+    prune_margin: float | None = 0.1  # stop a candidate trailing the best val top-1 by more than this
     prune_after: int = 3  # ... once it has trained this many epochs
 
     def __post_init__(self) -> None:
@@ -82,7 +82,8 @@ class TrainParams:
         steps = max(1, math.ceil(n / self.batch_size))
         f = max(1.0, self.min_steps / (steps * self.epochs))
         return replace(self, epochs=math.ceil(self.epochs * f), patience=math.ceil(self.patience * f),
-                       warmup_epochs=math.ceil(self.warmup_epochs * f), min_steps=0)
+                       warmup_epochs=math.ceil(self.warmup_epochs * f), prune_after=math.ceil(self.prune_after * f),
+                       min_steps=0)
 
 
 @dataclass

@@ -56,15 +56,24 @@ def train(
     patience: Annotated[int, typer.Option(
         help="Early stopping: epochs without val improvement (ties in val top-1 go to the lower val loss)")] = 4,
     label_smoothing: Annotated[float, typer.Option(help="Cross-entropy label smoothing")] = 0.1,
-    prune_margin: Annotated[float | None, typer.Option(
-        help="k search: stop a candidate whose val top-1 trails the best by more than this (e.g. 0.1)")] = None,
-    prune_after: Annotated[int, typer.Option(help="k search: epochs before --prune-margin applies")] = 3,
+    prune_margin: Annotated[float, typer.Option(
+        help="k search: stop a candidate whose val top-1 trails the best by more than this (1: never)")] = 0.1,
+    prune_after: Annotated[int, typer.Option(
+        help="k search: epochs before --prune-margin applies (scaled with --min-steps)")] = 3,
+    cls_token: Annotated[bool, typer.Option(
+        "--cls-token/--no-cls-token", help="mist: also send the backbone's final-norm cls token and concatenate it "
+        "to the LAE embedding before the head (our extension, not the paper's: D more values per image, 768 B fp16 "
+        "for ViT-S; chosen on val, BENCHMARKS.md)")] = True,
     dropout: Annotated[float | None, typer.Option(
         help="mist / vitsplit dropout on the pooled embedding [default: the method's: mist 0.1, vitsplit 0]")] = None,
     refit: Annotated[bool | None, typer.Option(
         "--refit/--no-refit", help="After choosing k and the epoch count on --val, retrain on train + val for that "
                                    "many epochs [default: on whenever --val is given]")] = None,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    seeds: Annotated[str | None, typer.Option(
+        help="Several seeds, e.g. 0,1,2: one model each in OUT/seed-N, mean +- sd of val and test top-1; "
+             "OUT/checkpoint "
+             "is the best-val seed's (never chosen on test). Overrides --seed")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root (default OUT/cache)")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (counted)")] = False,
     backbone_batch: Annotated[int, typer.Option(help="Images per backbone batch while caching")] = 32,
@@ -97,7 +106,7 @@ def train(
     method_params: dict = {}
     dropped = {} if dropout is None else {"dropout": dropout}  # None: the method's own default
     if get_edge_method(method).method_name == "mist":
-        method_params = {"rank": rank, "pool": pool, **dropped}
+        method_params = {"rank": rank, "pool": pool, "cls_token": cls_token, **dropped}
     elif get_edge_method(method).method_name in ("vitsplit", "vitsplit-lite"):
         method_params = {"pool": pool, **dropped}
     defaults = TrainParams()
@@ -113,6 +122,7 @@ def train(
                            patience=patience, label_smoothing=label_smoothing, seed=seed,
                            prune_margin=prune_margin, prune_after=prune_after),
         refit=refit, cache_dir=cache_dir, skip_bad=skip_bad, backbone_batch=backbone_batch,
+        seeds=parse_ints(seeds, "--seeds"),
         backbone_precision=backbone_precision.value, progress=not quiet,
     )
     report = run_training(req, log=logger(quiet), codec={"name": codec})
@@ -127,6 +137,13 @@ def train(
         if key in report:
             value = report[key]
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) and "top1" in key else str(value))
+    if "seeds" in report:
+        summary = report["seeds"]
+        for key in ("val_top1", "test_top1"):
+            if summary[key]:
+                table.add_row(f"{key} over seeds {summary['seeds']}",
+                              f"{summary[key]['mean']:.4f} +- {summary[key]['sd']:.4f} (mean +- sd)")
+        table.add_row("checkpoint is seed", f"{summary['chosen_seed']} (best val)")
     console.print(table)
 
 
