@@ -68,8 +68,8 @@ def _check_array(path: Path, shape: tuple[int, ...], dtype: Any) -> str | None:
                 np.lib.format.read_array_header_2_0
             got_shape, _fortran, got_dtype = read_header(fh)
             offset = fh.tell()
-    except (OSError, ValueError) as exc:
-        return f"{path.name}: unreadable ({str(exc)[:80]})"
+    except Exception as exc:  # numpy's header parser raises ValueError, SyntaxError, TokenError...
+        return f"{path.name}: unreadable header ({type(exc).__name__})"
     if tuple(got_shape) != tuple(shape) or np.dtype(got_dtype) != np.dtype(dtype):
         return f"{path.name}: {np.dtype(got_dtype)} {list(got_shape)}, expected {np.dtype(dtype)} {list(shape)}"
     need = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -274,6 +274,9 @@ def open_complete(path: Path, binding: dict[str, Any], sources: Iterable[str],
         return None, "stale (older cache format)"
     if meta.get("key") != binding_key(binding):
         return None, f"stale ({describe_difference(meta.get('binding', {}), binding)} changed)"
+    why = _meta_problem(meta)
+    if why:
+        return None, f"corrupt (meta.json: {why})"
     sources = sorted(set(sources))
     missing = sorted(set(sources) - set(meta.get("sources", [])))
     if missing:
@@ -285,6 +288,23 @@ def open_complete(path: Path, binding: dict[str, Any], sources: Iterable[str],
     if why:
         return None, f"corrupt ({why})"
     return split, None
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """What in meta.json (beyond the binding, which its key covers) is malformed, or None."""
+    sources, shapes, classes = meta.get("sources"), meta.get("shapes"), meta.get("classes")
+    if not isinstance(sources, list) or not all(isinstance(s, str) and s for s in sources):
+        return "'sources' is not a list of tensor names"
+    if not isinstance(shapes, dict) or set(shapes) != set(sources) or not all(
+            isinstance(v, list) and v and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in v)
+            for v in shapes.values()):
+        return "'shapes' does not give positive dimensions for each source"
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        return "'classes' is not a list of names"
+    n = meta["binding"].get("n") if isinstance(meta.get("binding"), dict) else None
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        return "'binding.n' is not a row count"
+    return None
 
 
 def cached_sources(path: Path, binding: dict[str, Any]) -> set[str]:
