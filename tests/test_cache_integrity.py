@@ -185,6 +185,22 @@ def test_a_legacy_cache_opens_without_a_rebuild_and_gets_checksums(backbone, sma
         "rebuilding" in logs
 
 
+def test_a_read_only_legacy_cache_is_used_on_its_scan(backbone, small_list: Path, tmp_path: Path,
+                                                      passes: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    first, _ = _cache(backbone, small_list, tmp_path / "c")
+    _make_legacy(first.path)
+
+    def read_only(*_a, **_k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(integrity, "record", read_only)
+    passes.clear()
+    _, logs = _cache(backbone, small_list, tmp_path / "c")
+    assert passes == [] and not (first.path / "checksums.json").exists()
+    assert f"cache {first.path}: has no checksums and they cannot be recorded (Permission denied); using it as is " \
+        "(no NaN/Inf found)" in logs
+
+
 def test_a_legacy_cache_with_a_nan_run_is_rebuilt(backbone, small_list: Path, tmp_path: Path,
                                                   passes: list[int]) -> None:
     def legacy_nan(path: Path) -> None:

@@ -63,7 +63,7 @@ CASES: list[tuple[str, Any, str, str]] = [
     ("method.params.rank", {"a": 1}, "method.params", "flat lists"),
     ("cloud.file", None, "cloud.file", "relative file path"),
     ("cloud.file", "other.onnx", "cloud.file", "not listed in 'files'"),
-    ("cloud.inputs.0.shape", [-1, 3, 32, 32], "cloud.inputs", "input.size"),
+    ("cloud.inputs.0.shape", [-1, 3, 48, 48], "cloud.inputs", "input.size"),
     ("cloud.outputs.0.dtype", "float32", "cloud.outputs", "encoded tensors"),
     ("cloud.plan.tensors.0.codec.pool", True, "cloud.plan.tensors[0].codec", "fields disagree"),
     ("cloud.plan.tensors.0.codec.quant", "int4", "cloud.plan.tensors[0].codec", "fields disagree"),
@@ -116,10 +116,10 @@ def test_a_malformed_field_is_one_line_naming_it(manifest: dict[str, Any], dotte
     assert words in msg, msg
 
 
-def test_fp32_edge_graph_has_null_quantization_and_full_agreement(tiny_bundle_fp32: Path,
-                                                                  manifest: dict[str, Any]) -> None:
+def test_an_fp32_edge_graph_has_null_quantization_and_full_agreement(manifest: dict[str, Any]) -> None:
     m = copy.deepcopy(manifest)
-    m["edge"]["quantization"] = None  # an fp32 edge graph: parity agreement must then be 1.0
+    m["edge"]["quantization"] = None  # an fp32 edge graph: parity agreement must then be 1.0 (itself)
+    m["parity"]["edge_top1_agreement"] = 0.5
     with pytest.raises(BundleError, match=r"field 'parity.edge_top1_agreement': must be 1.0 for an fp32 edge graph"):
         validate_manifest(m, "b/manifest.json")
     m["parity"]["edge_top1_agreement"] = 1.0

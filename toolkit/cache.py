@@ -154,37 +154,29 @@ class CachedSplit:
             self.checked.update(sources)
         return why
 
-    def record_checksums(self) -> str | None:
-        """Trust on first use: scan a checksum-less cache for NaN/Inf, then record its checksums (checksums.json
-        first, then the meta.json marker, so a crash between the two leaves a cache that still opens). Returns
-        why the cache is unusable (a NaN/Inf run, naming file and chunk), or None."""
+    def record_legacy(self, log: Log) -> str | None:
+        """Trust on first use, for a cache written before checksums existed: scan it for NaN/Inf (returning where,
+        naming file and chunk), then record its checksums, saying so. checksums.json is written before the
+        meta.json marker, so a crash between the two leaves a cache that still opens. A cache that cannot be
+        written to (a read-only copy) is used on its scan alone."""
         arrays = {source_file(s): self._array(source_file(s)) for s in self.sources}
         why = integrity.first_non_finite(arrays.items())
         if why:
             return why
         arrays.update({name: self._array(name) for name in ("labels.npy", "status.npy")})
-        integrity.record(self.path, self.meta, arrays)
+        try:
+            integrity.record(self.path, self.meta, arrays)
+            write_json(self.path / "meta.json", {**self.meta, "checksums": integrity.CHECKSUM_FILE})
+        except OSError as exc:
+            log(f"cache {self.path}: has no checksums and they cannot be recorded ({exc.strerror or exc}); using "
+                "it as is (no NaN/Inf found)")
+            return None
         self.meta = {**self.meta, "checksums": integrity.CHECKSUM_FILE}
-        write_json(self.path / "meta.json", self.meta)
         self.checksums, _ = integrity.read(self.path)
         self.checked = set(self.sources)
+        log(f"cache {self.path}: written without checksums (older mist-kit); no NaN/Inf found, recorded them in "
+            f"{integrity.CHECKSUM_FILE} (trusted on first use)")
         return None
-
-    def record_legacy(self, log: Log) -> str | None:
-        """`record_checksums` for a cache written before checksums existed, saying so; a cache that cannot be
-        written to (read-only copy) is used on its NaN/Inf scan alone."""
-        try:
-            why = self.record_checksums()
-        except OSError as exc:
-            why = integrity.first_non_finite((source_file(s), self._array(source_file(s))) for s in self.sources)
-            if why is None:
-                log(f"cache {self.path}: has no checksums and they cannot be recorded ({exc.strerror}); "
-                    "using it as is (no NaN/Inf found)")
-            return why
-        if why is None:
-            log(f"cache {self.path}: written without checksums (older mist-kit); no NaN/Inf found, recorded them "
-                f"in {integrity.CHECKSUM_FILE} (trusted on first use)")
-        return why
 
     def verify_structure(self) -> str | None:
         """Why the arrays' headers, lengths, status or labels make this cache unusable, or None."""
