@@ -67,12 +67,17 @@ def non_empty_str(v: Any) -> None:
         raise _Bad("expected a non-empty string")
 
 
+def _path_why(exc: BundleError) -> str:
+    """check_relative's reason without its 'path: ' prefix and its own ', got ...' (the caller adds that)."""
+    return str(exc).removeprefix("path: ").split(", got ")[0]
+
+
 def optional_path(v: Any) -> None:
     if v not in (None, ""):
         try:
             check_relative(v, "path")
         except BundleError as exc:
-            raise _Bad(str(exc).removeprefix("path: ")) from None
+            raise _Bad(_path_why(exc)) from None
 
 
 def tensor_specs(v: Any) -> None:
@@ -101,7 +106,7 @@ def files_table(v: Any) -> None:
         try:
             check_relative(rel, "path")
         except BundleError as exc:
-            raise _Bad(str(exc).removeprefix("path: ")) from None
+            raise _Bad(_path_why(exc)) from None
         if not isinstance(entry, dict) or not _is_int(entry.get("bytes")) or entry["bytes"] < 0:
             raise _Bad(f"{rel!r}: expected {{sha256: 64 hex digits, bytes: integer >= 0}}")
         sha = entry.get("sha256")
@@ -161,7 +166,7 @@ def required_path(v: Any) -> None:
     try:
         check_relative(v, "path")
     except BundleError as exc:
-        raise _Bad(str(exc).removeprefix("path: ")) from None
+        raise _Bad(_path_why(exc)) from None
 
 
 def _param_value(v: Any) -> bool:
