@@ -74,13 +74,13 @@ def cache_features(model: nn.Module | Callable[[], nn.Module], spec: BackboneSpe
     binding = cache_binding(spec, images, precision)
     path = split_cache_dir(Path(cache_root), images.source, precision)
     want = sorted({str(s) for s in sources})
-    cached, reason = open_complete(path, binding, want)
+    cached, reason = open_complete(path, binding, want, log)
     if cached is not None:
         skipped = int(len(images) - len(cached.valid()))
         log(f"cache hit: {path} ({len(images)} images)")
         return cached, 0.0, skipped
     with build_lock(path, log):
-        cached, reason = open_complete(path, binding, want)  # another process may have finished it meanwhile
+        cached, reason = open_complete(path, binding, want, log)  # another process may have finished it meanwhile
         if cached is not None:
             log(f"cache hit: {path} (built by another process)")
             return cached, 0.0, int(len(images) - len(cached.valid()))
