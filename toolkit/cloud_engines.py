@@ -107,7 +107,7 @@ def engine_parity(model: nn.Module, pixels: torch.Tensor, sources: Sequence[Tens
     `predict` maps {source: array} to logits (the trained edge network); agreement is the fraction of images
     whose argmax is the same on both feature sets.
     """
-    sources = list(sources)
+    sources = sorted(set(sources), key=str)
     with torch.no_grad():
         ref = {k: v.numpy() for k, v in run_backbone(model, pixels, sources, "fp32").items()}
         got = {k: v.numpy() for k, v in backbone_runner(model, sources, precision, engine, img_size)(pixels).items()}
@@ -118,4 +118,34 @@ def engine_parity(model: nn.Module, pixels: torch.Tensor, sources: Sequence[Tens
     if predict is not None:
         agree = np.argmax(predict(ref), axis=1) == np.argmax(predict(got), axis=1)
         out["edge_top1_agreement"] = float(np.mean(agree))
+    return out
+
+
+def train_engine_parity(req: Any, spec: Any, final: Any, plan: Any, transforms: Any, images: Any,
+                        n: int = 32, seed: int = 0) -> dict[str, Any]:
+    """The train report's `backbone_engine` entry: `engine_parity` of the request's engine on `n` seeded images
+    of `images` (val when given, else train), with the trained edge network's top-1 agreement.
+
+    The edge network sees both feature sets rounded to float16, as the cache stores them.
+    """
+    from mist_kit.backbone import load_backbone
+    from mist_kit.data import load_pixels
+    from mist_kit.train import predict_logits
+
+    model, _ = load_backbone(req.backbone, img_size=req.img_size, weights=req.weights, pretrained=req.pretrained,
+                             mean=req.mean, std=req.std)
+    model.eval()
+    rng = np.random.default_rng(seed)
+    rows = sorted(rng.choice(len(images), size=min(n, len(images)), replace=False))
+    pixels = torch.from_numpy(np.stack([load_pixels(images.paths[r], spec.img_size, spec.mean, spec.std)
+                                        for r in rows]))
+
+    def predict(feats: dict[str, np.ndarray]) -> np.ndarray:
+        x = {t.name: feats[str(t.source)].astype(np.float16) for t in plan.tensors}
+        with torch.no_grad():
+            return predict_logits(final, x, transforms)
+
+    out = engine_parity(model, pixels, plan.sources, req.backbone_engine, req.backbone_precision, spec.img_size,
+                        predict)
+    out["images_from"] = str(images.source)
     return out

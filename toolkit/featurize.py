@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mist_kit.backbone_run import run_backbone
 from mist_kit.cache import DONE, CachedSplit, CacheWriter, cached_sources, open_complete, split_cache_dir
 from mist_kit.cloud_engines import Runner, backbone_runner, cache_tag
 from mist_kit.config import BackboneSpec
@@ -92,7 +93,8 @@ def cache_features(model: nn.Module | Callable[[], nn.Module], spec: BackboneSpe
             log(f"cache {path}: {reason}; rebuilding" + (f" with {', '.join(everything)}" if held else ""))
         backbone = model if isinstance(model, nn.Module) else model()
         parsed = [TensorSource.parse(s) for s in everything]
-        run = backbone_runner(backbone, parsed, precision, engine, spec.img_size)
+        run: Runner = (lambda px: run_backbone(backbone, px, parsed, precision)) if engine == "torch" else \
+            backbone_runner(backbone, parsed, precision, engine, spec.img_size)
         return _build(run, spec, images, path, binding, parsed, batch_size, skip_bad, progress, log)
 
 
