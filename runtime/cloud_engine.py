@@ -82,6 +82,35 @@ def openvino_config(precision: str, threads: int, core: Any) -> dict[str, str]:
     return config
 
 
+def unfuse_fake_quantize(model: Any) -> int:
+    """Rewrite every FakeQuantize (what OpenVINO reads an ONNX QuantizeLinear as) into plain element-wise ops.
+
+    Why: the codec's per-channel QuantizeLinear on the last axis of [B, T, D] becomes a FakeQuantize with [1, 1, D]
+    ranges; OpenVINO's CPU plugin (2026.4) fuses it into the preceding Add and then quantizes along the wrong
+    axis (codes off by up to 70 steps vs onnxruntime, measured on the tiny test bundle), and refuses it unfused
+    ("doesn't support non per-tensor quantization for axis: 2"). The same formula, written as Maximum/Minimum,
+    Subtract, Divide, Round (half to even, as QuantizeLinear) and back, is exact. Returns how many were rewritten.
+    """
+    import openvino.opset13 as ops
+
+    count = 0
+    for node in model.get_ordered_ops():
+        if node.get_type_name() != "FakeQuantize":
+            continue
+        x, lo, hi, out_lo, out_hi = (node.input_value(i) for i in range(5))
+        steps = float(node.get_attributes()["levels"] - 1)
+        clipped = ops.minimum(ops.maximum(x, lo), hi)
+        q = ops.round(ops.multiply(ops.divide(ops.subtract(clipped, lo), ops.subtract(hi, lo)),
+                                   ops.constant(np.float32(steps))), "half_to_even")
+        y = ops.add(ops.multiply(ops.divide(q, ops.constant(np.float32(steps))), ops.subtract(out_hi, out_lo)),
+                    out_lo)
+        node.output(0).replace(y.output(0))
+        count += 1
+    if count:
+        model.validate_nodes_and_infer_types()
+    return count
+
+
 @dataclass(frozen=True)
 class _Port:
     name: str
@@ -137,7 +166,9 @@ def open_cloud_session(path: str | os.PathLike[str], threads: int = 0, engine: s
 
         return cpu_session(path, threads), EngineInfo("onnxruntime", "fp32", ort.__version__, threads)
     core = openvino_core()
-    session = OpenVINOSession(core.read_model(str(Path(path))), precision, threads, core)
+    model = core.read_model(str(Path(path)))
+    unfuse_fake_quantize(model)
+    session = OpenVINOSession(model, precision, threads, core)
     if session.precision != precision:  # never serve a precision other than the one asked for, silently
         raise UsageError(f"--precision {precision}: OpenVINO compiled the graph at {session.precision}")
     return session, EngineInfo("openvino", session.precision, session.version, threads)

@@ -13,6 +13,7 @@ trained edge network, its top-1 agreement on the two feature sets. It goes into 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,7 +64,8 @@ def openvino_backbone(model: nn.Module, sources: Sequence[TensorSource], img_siz
     core = openvino_core()
     module = _SourcesModule(model, sources).eval()
     example = torch.zeros(2, 3, img_size, img_size)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # timm's shape checks: constants at this size
         converted = ov.convert_model(module, example_input=example,
                                      input=[ov.PartialShape([-1, 3, img_size, img_size])])
     for port, src in zip(converted.outputs, sources, strict=True):  # stable names: the source keys
