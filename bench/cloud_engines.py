@@ -163,8 +163,8 @@ def _write(res: dict[str, Any], args: argparse.Namespace) -> None:
     table = markdown_table(
         ["engine", "images/s", "ms / batch 16", "x torch fp32", "rel. gather error", "edge top-1 agreement",
          "edge top-1 (val)"],
-        [[r["engine"] + (f" {r['version']}" if r["version"] else ""), r["images_per_s"], r["ms_per_batch"],
-          r["speedup_vs_torch_fp32"], r["rel_gather_err"], r["edge_top1_agreement"], r["edge_top1"]]
+        [[r["engine"] + (f" {r['version'].split('-')[0]}" if r["version"] else ""), r["images_per_s"],
+          r["ms_per_batch"], r["speedup_vs_torch_fp32"], r["rel_gather_err"], r["edge_top1_agreement"], r["edge_top1"]]
          for r in res["rows"]])
     body = (f"DINOv2 ViT-S/14 at 224 px, MIST cloud plan at k = {res['k']} (gather of blocks 0..12), batch "
             f"{res['batch']}, {res['threads']} threads, {res['rounds']} interleaved rounds (one call per engine per "
@@ -174,7 +174,8 @@ def _write(res: dict[str, Any], args: argparse.Namespace) -> None:
             "error ||g - g_ref|| / ||g_ref|| over all of them, and top-1 agreement of a trained MIST k = 12 edge "
             "network fed both feature sets (rounded to float16, as the cache stores them). That edge network is a "
             f"short training run (val top-1 {res['checkpoint_val_top1']}), not a converged one: its low-margin "
-            "argmaxes flip more easily than a converged model's would. onnxruntime and OpenVINO run the exporter's "
+            f"argmaxes flip more easily than a converged model's would; with {res['n_parity']} images one "
+            f"disagreement is {100 / res['n_parity']:.1f}%. onnxruntime and OpenVINO run the exporter's "
             f"cloud.onnx ({res['exporter']}); `serve-cloud --engine openvino --precision bf16` runs exactly that, "
             "and `train --backbone-engine openvino` runs the same backbone converted from torch.\n\n"
             f"Goal (issue 14): cloud >= 5x torch fp32 eager at <= 1% relative gather error and >= 99.5% edge "
