@@ -181,6 +181,17 @@ def test_train_backbone_engine_openvino_fills_the_same_cache(tmp_path: Path, dig
     assert par["edge_top1_agreement"] == 1.0 and par["images"] == 32
 
 
+def test_train_refuses_bf16_openvino_where_cpu_lacks_it(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("openvino")
+    from mist_kit.pipeline import TrainRequest
+    from mist_kit.runtime import cloud_engine
+
+    monkeypatch.setattr(cloud_engine, "cpu_bf16_supported", lambda core=None: False)
+    with pytest.raises(UsageError, match="has no native bf16"):
+        TrainRequest(backbone=TINY, train=str(tmp_path), val=None, out=tmp_path, k=2, backbone_engine="openvino",
+                     backbone_precision="bf16")
+
+
 def test_train_cli_rejects_unknown_backbone_engine(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["train", "--train", str(tmp_path), "--out", str(tmp_path / "o"),
                                    "--backbone-engine", "tensorrt"])

@@ -36,6 +36,13 @@ def check_engine(engine: str, precision: str) -> None:
         raise UsageError(f"--backbone-engine {engine!r}: expected one of {', '.join(BACKBONE_ENGINES)}")
     if precision not in ("fp32", "bf16"):
         raise UsageError(f"--backbone-precision {precision!r}: expected fp32 or bf16")
+    if engine == "openvino":  # missing package or bf16 on a CPU without it: fail now, not after training
+        from mist_kit.runtime import cloud_engine
+
+        core = openvino_core()
+        if precision == "bf16" and not cloud_engine.cpu_bf16_supported(core):
+            raise UsageError(f"--backbone-precision bf16: this CPU ({core.get_property('CPU', 'FULL_DEVICE_NAME')}) "
+                             "has no native bf16 in OpenVINO's CPU plugin; use fp32")
 
 
 def cache_tag(engine: str, precision: str) -> str:
