@@ -124,7 +124,7 @@ class CloudModel:
     def engine_line(self) -> str:
         """One startup line: engine, precision that runs, and (for non-reference engines) parity."""
         e = self.engine
-        line = f"engine: {e.engine} {e.version}, precision {e.precision}"
+        line = f"engine: {e.engine} {e.version.split('-')[0]}, precision {e.precision}"
         if self.parity is not None:
             errs = ", ".join(f"{k} {v:.3g}" for k, v in self.parity["rel_err"].items())
             line += f"; relative error vs {self.parity['reference']} on {self.parity['images']} seeded images: {errs}"
