@@ -19,6 +19,7 @@ from mist_kit import __version__
 from mist_kit.backbone import load_backbone, load_backbone_for
 from mist_kit.cache import CachedSplit, InputRows
 from mist_kit.checkpoint import load_checkpoint, new_method, save_checkpoint
+from mist_kit.cloud_engines import check_engine, train_engine_parity
 from mist_kit.config import CheckpointConfig, MethodSpec
 from mist_kit.data import load_image_list
 from mist_kit.edge import EdgeMethod, get_edge_method
@@ -58,6 +59,7 @@ class TrainRequest:
     skip_bad: bool = False
     backbone_batch: int = 32
     backbone_precision: str = "fp32"  # "bf16": faster caching on AMX CPUs, ~0.3% feature error (see run_backbone)
+    backbone_engine: str = "torch"  # "openvino": the cache filled by OpenVINO (mist_kit.cloud_engines)
     train_threads: int = 1  # torch threads while training edge networks (see _with_threads)
     progress: bool = True
     seeds: tuple[int, ...] | None = None  # several: one model per seed (OUT/seed-N), mean and sd (run_seeds)
@@ -77,6 +79,7 @@ class TrainRequest:
             raise UsageError(f"--seeds must list distinct integers, got {list(self.seeds)}")
         if self.backbone_precision not in ("fp32", "bf16"):
             raise UsageError(f"--backbone-precision must be fp32 or bf16, got {self.backbone_precision!r}")
+        check_engine(self.backbone_engine, self.backbone_precision)
 
 
 def _labels(split: CachedSplit) -> np.ndarray:
@@ -221,7 +224,8 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
             raise DataError(f"{images.source}: has {len(images.classes)} classes, train has {len(classes)}")
         split, secs, skip = cache_features(model_bb, spec, images, cache_root, sources,
                                            batch_size=req.backbone_batch, skip_bad=req.skip_bad,
-                                           progress=req.progress, log=log, precision=req.backbone_precision)
+                                           progress=req.progress, log=log, precision=req.backbone_precision,
+                                           engine=req.backbone_engine)
         splits[name], cache_seconds, skipped = split, cache_seconds + secs, skipped + skip
     y_train = _labels(splits["train"])
     y_val = _labels(splits["val"]) if "val" in splits else None
@@ -306,6 +310,9 @@ def _report_and_save(req: TrainRequest, spec: Any, classes: tuple[str, ...], fin
     if "test" in splits:
         x_test = splits["test"].inputs(plan_tensors(plan))
         report["test_top1"] = top1(predict_logits(final, x_test, transforms), _labels(splits["test"]))
+    if req.backbone_engine != "torch":  # what the faster engine cost: gather error and edge agreement vs torch fp32
+        report["backbone_engine"] = train_engine_parity(req, spec, final, plan, transforms,
+                                                        lists["val"] if "val" in lists else lists["train"])
     config = CheckpointConfig(
         backbone=spec,
         method=MethodSpec(name=req.method, k=depth, params=final.hparams()),
@@ -313,7 +320,8 @@ def _report_and_save(req: TrainRequest, spec: Any, classes: tuple[str, ...], fin
         codecs=codec_specs,
         training={**req.params.__dict__, "refit": req.refit, "train": str(Path(req.train).resolve()),
                   "val": str(Path(req.val).resolve()) if req.val else None, **fit_training,
-                  "cache_dir": str(Path(cache_root).resolve()), "backbone_precision": req.backbone_precision},
+                  "cache_dir": str(Path(cache_root).resolve()), "backbone_precision": req.backbone_precision,
+                  "backbone_engine": req.backbone_engine},
         metrics={k: report[k] for k in ("val_top1", "test_top1") if k in report},
         version=__version__,
     )
