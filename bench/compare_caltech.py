@@ -43,6 +43,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--train-precision", default="fp32")
     p.add_argument("--k", default=None, help="fixed depths, METHOD=INT,... (default: each method searches on val)")
     p.add_argument("--render", action="store_true", help="only write the BENCHMARKS.md section from kept rows")
+    p.add_argument("--merge", default=None, help="with --render: comma-separated work dirs whose rows.jsonl are "
+                   "joined into --work first (a slow method run on its own)")
     p.add_argument("--run-only", action="store_true", help="run the rows, do not write BENCHMARKS.md")
     return p.parse_args()
 
@@ -54,7 +56,7 @@ def _request(a: argparse.Namespace, device: str, methods: str) -> object:
         backbone="vit_small_patch14_dinov2", weights=a.weights, img_size=224, train=str(DATA / "train800.txt"),
         val=str(DATA / "val200.txt"), test=str(DATA / "test.txt"), out=a.work, methods=tuple(methods.split(",")),
         codecs=tuple(a.codecs.split(",")), device=device, epochs=a.epochs, cache_dir=a.cache_dir,
-        train_precision=a.train_precision, depths=parse_depths(a.k), progress=False)
+        train_precision=a.train_precision, depths=parse_depths(a.k), kept_only=a.render, progress=False)
 
 
 def _fmt_row(r: dict, best: dict | None) -> list[object]:
@@ -87,8 +89,10 @@ def _section(a: argparse.Namespace, results: dict[str, object], seconds: dict[st
         "zstd-3; the input image as JPEG q90 at 224 px is marked on the plots.",
         f"Settings recorded in the rows: epochs {settings.get('epochs')}, seed {settings.get('seed')}, training "
         f"precision {settings.get('train_precision', 'fp32')}, backbone precision "
-        f"{settings.get('backbone_precision')}. Load during the run: {load}. Seconds per row (training + export + "
-        "measurement) are in rows.jsonl; " + ", ".join(f"{d}: {s:.0f} s" for d, s in seconds.items()) + " wall.",
+        f"{settings.get('backbone_precision')}. Load: {load}. Seconds per row (training + export + measurement, "
+        f"`seconds` in rows.jsonl) sum to {sum(r.get('seconds') or 0 for r in first.rows):,.0f} s for the first "
+        "device; a further device re-judges the kept rows in " + ", ".join(
+            f"{d}: {s:.0f} s" for d, s in list(seconds.items())[1:]) + ".",
     ]
     for device, res in results.items():
         parts.append(f"### {device} ({res.budget_mb} MB budget)\n\n" + markdown_table(
@@ -114,16 +118,16 @@ def main() -> None:
     from mist_kit.compare import run_compare, write_plot
 
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if a.render and a.merge:
+        from mist_kit.atomic import write_text
+
+        a.work.mkdir(parents=True, exist_ok=True)
+        lines = [ln for d in a.merge.split(",") for ln in (Path(d) / "rows.jsonl").read_text().splitlines()]
+        write_text(a.work / "rows.jsonl", "\n".join(lines) + "\n")
     results, seconds = {}, {}
     for device in a.devices.split(","):
         t0 = time.perf_counter()
-        methods = a.methods
-        if a.render:  # only what is kept: a row not yet in rows.jsonl is left out, never trained here
-            from mist_kit.compare import ROWS_FILE, _load_rows
-
-            kept = _load_rows(a.work / ROWS_FILE)
-            methods = ",".join(m for m in a.methods.split(",") if any(r["method"] == m for r in kept.values()))
-        res = run_compare(_request(a, device, methods), log=lambda m: print(m, flush=True))
+        res = run_compare(_request(a, device, a.methods), log=lambda m: print(m, flush=True))
         seconds[device] = time.perf_counter() - t0
         write_plot(res, RESULTS / f"compare-{device}.png")
         (a.work / f"result-{device}.json").write_text(json.dumps(res.to_dict(), indent=1))

@@ -94,6 +94,19 @@ def test_rows_made_with_other_settings_are_redone_not_reused(compare_run: dict, 
                                         "why_not": rows[("linear", "fp32")]["why_not"]}
 
 
+def test_kept_only_rejudges_and_builds_nothing(compare_run: dict) -> None:
+    args = [a if a != "fp32,int8-channel" else "fp32,int8-channel,cls-int8" for a in compare_run["args"]]
+    res = runner.invoke(app, [*args, "--kept-only", "--device", "rpi-zero-2w", "--json"])
+    assert res.exit_code == 0, res.output
+    assert "training" not in res.stderr and "feature cache" not in res.stderr
+    report = json.loads(res.stdout)
+    assert report["device"] == "rpi-zero-2w"
+    missing = [r for r in report["rows"] if r.get("error")]
+    assert [(r["method"], r["codec"]) for r in missing] == [("linear", "cls-int8"), ("mist", "cls-int8")]
+    assert all("--kept-only" in r["error"] for r in missing)
+    assert not (compare_run["out"] / "runs" / "mist-cls-int8").exists()
+
+
 def test_fixed_depth_names_a_compared_method(tmp_path: Path) -> None:
     base = ["compare", "--train", "t.txt", "--val", "v.txt", "--out", str(tmp_path / "o"), "--methods", "mist"]
     res = runner.invoke(app, [*base, "--k", "vitsplit=9"])

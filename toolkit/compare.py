@@ -61,6 +61,7 @@ class CompareRequest:
     backbone_precision: str = "fp32"
     train_precision: str = "fp32"
     depths: dict[str, int] = field(default_factory=dict)  # a method's fixed depth instead of its search on val
+    kept_only: bool = False  # re-judge the finished rows in OUT; build nothing (a missing row is reported as such)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -290,7 +291,8 @@ def run_compare(req: CompareRequest, log: Log = print) -> CompareResult:
                         params=TrainParams(epochs=req.epochs, seed=req.seed, precision=req.train_precision),
                         progress=req.progress, backbone_precision=req.backbone_precision,
                         refit=False)  # each row's export gates int8 on val: it must stay held out
-    _fill_cache(base, req.methods, log)
+    if not req.kept_only:
+        _fill_cache(base, req.methods, log)
     notes = [f"host timings: the edge graph ran here ({_host()}) with {profile.name}'s threads capped at this "
              "host's cores; they rank the rows, they are not the device's milliseconds"]
     rows: list[dict[str, Any]] = []
@@ -311,6 +313,10 @@ def run_compare(req: CompareRequest, log: Log = print) -> CompareResult:
                 elif kept is not None:
                     rows.append(_retimed(kept, profile, log))
                     chosen_k = kept.get("k") if chosen_k is None else chosen_k
+                    continue
+                if req.kept_only:
+                    rows.append({"method": method, "codec": codec, "k": chosen_k,
+                                 "error": "not run yet (--kept-only: nothing is built)"})
                     continue
                 searches = chosen_k is None and get_edge_method(method).searches_depth()
                 log(f"[{n}/{total}] {rid}: training{' (depth search on val)' if searches else ''}")

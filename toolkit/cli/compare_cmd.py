@@ -71,6 +71,8 @@ def compare(
     train_precision: Annotated[str, typer.Option(help="Edge training precision: fp32 | bf16 (autocast)")] = "fp32",
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root (default OUT/cache)")] = None,
+    kept_only: Annotated[bool, typer.Option("--kept-only", help="Re-judge the finished rows in --out against this "
+                                            "device and these limits; train and export nothing")] = False,
     plot: Annotated[Path | None, typer.Option(help="Write the Pareto plot (PNG) here")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress lines")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout")] = False,
@@ -84,7 +86,7 @@ def compare(
                          codecs=_split(codecs, "--codecs"), device=device, max_bytes=parse_bytes(max_bytes),
                          max_latency_ms=max_latency_ms, epochs=epochs, seed=seed, cache_dir=cache_dir,
                          depths=parse_depths(k), backbone_precision=backbone_precision,
-                         train_precision=train_precision,
+                         train_precision=train_precision, kept_only=kept_only,
                          progress=not (json_out or quiet))
     log = logger(quiet)
     result = run_compare(req, log=log)
