@@ -36,7 +36,7 @@ from mist_kit.runtime.bundle import open_edge_bundle
 from mist_kit.runtime.edge_session import EdgeSession, SessionSettings
 from mist_kit.runtime.features_file import read_features
 b = open_edge_bundle(sys.argv[1], variant="int8")
-s = EdgeSession(b, SessionSettings.from_profile(get_device(sys.argv[3])))
+s = EdgeSession(b, SessionSettings.from_profile(get_device(sys.argv[3]), int(sys.argv[4]) or None))
 ff = read_features(sys.argv[2], b.manifest)
 rows = ff.read(0, ff.n)
 ms = []
@@ -96,26 +96,31 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ft-bench-"))
     feats = args.features or features_from_cache(args.bundle, args.cache, work / "ft.safetensors")
     cli = {"before": [str(args.before / ".venv/bin/mist-kit")], "after": [str(Path(PY).parent / "mist-kit")]}
-    runs: dict[str, list[dict]] = {"before": [], "after": [], "latency": []}
+    variants = {"before": cli["before"], "after": cli["after"], "after, 1 thread": [*cli["after"], "--threads", "1"]}
+    runs: dict[str, list[dict]] = {**{v: [] for v in variants}, "latency": [], "latency, 1 thread": []}
     print(f"uptime: {os.popen('uptime').read().strip()}", file=sys.stderr)
     for r in range(args.rounds):
-        for name in ("before", "after"):
-            rep = run_json([*cli[name], "finetune-edge", "--device", args.device, "--bundle", str(args.bundle),
+        for name, cmd in variants.items():
+            rep = run_json([cmd[0], "finetune-edge", *cmd[1:], "--device", args.device, "--bundle", str(args.bundle),
                             "--features", str(feats), "--state", str(work / f"{name}{r}"), "--json"])
             runs[name].append({k: rep.get(k) for k in ("embed_s", "train_s", "wall_s", "peak_rss_mb", "labelled",
                                                         "epochs_run", "top1_before", "top1_after", "threads",
                                                         "graph", "head_version")})
             print(name, runs[name][-1], file=sys.stderr)
-        runs["latency"].append(run_json([PY, "-c", LATENCY, str(args.bundle), str(feats), args.device]))
-        print("latency", runs["latency"][-1], file=sys.stderr)
+        for name, threads in (("latency", "0"), ("latency, 1 thread", "1")):
+            runs[name].append(run_json([PY, "-c", LATENCY, str(args.bundle), str(feats), args.device, threads]))
+            print(name, runs[name][-1], file=sys.stderr)
     print(f"uptime: {os.popen('uptime').read().strip()}", file=sys.stderr)
-    med = {name: {k: float(np.median([r[k] for r in rs])) for k in ("embed_s", "train_s", "wall_s", "peak_rss_mb")}
-           for name, rs in runs.items() if name != "latency"}
-    lat = float(np.median([r["median_ms"] for r in runs["latency"]]))
+    keys = ("embed_s", "train_s", "wall_s", "peak_rss_mb")
+    med = {name: {k: float(np.median([r[k] for r in runs[name]])) for k in keys} for name in variants}
+    lat = {name: {k: float(np.median([r[k] for r in runs[name]])) for k in ("median_ms", "mean_ms")}
+           for name in ("latency", "latency, 1 thread")}
     n = runs["after"][0]["labelled"]
-    summary = {"samples": n, "median": med, "batch1_ms": lat,
-               "embed_vs_batch1": {k: round(v["embed_s"] / (n * lat / 1e3), 3) for k, v in med.items()},
-               "runs": runs}
+    ratio = {}
+    for name in variants:
+        ref = lat["latency, 1 thread" if "1 thread" in name else "latency"]
+        ratio[name] = {f"vs {n} x {k}": round(med[name]["embed_s"] / (n * v / 1e3), 3) for k, v in ref.items()}
+    summary = {"samples": n, "median": med, "batch1": lat, "embed_vs_batch1": ratio, "runs": runs}
     print(json.dumps(summary))
 
 
