@@ -126,6 +126,13 @@ class _OneInput:
         self.method.eval()
         return self
 
+    def inference_module(self) -> Any:
+        """What the converter traces: the method's own inference module (its `embed` takes the {name: tensor}
+        mapping), not this wrapper, whose `embed` takes the bare tensor."""
+        from mist_kit.exporters.edge_onnx import inference_module
+
+        return inference_module(self.method)
+
     def __getattr__(self, item: str) -> Any:
         return getattr(self.method, item)
 

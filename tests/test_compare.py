@@ -75,6 +75,32 @@ def test_a_constraint_nothing_meets_is_one_line_and_exit_1(compare_run: dict) ->
     assert "Traceback" not in res.output
 
 
+def test_rows_made_with_other_settings_are_redone_not_reused(compare_run: dict, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "c"
+    shutil.copytree(compare_run["out"], out)
+    args = [*compare_run["args"], "--out", str(out), "--methods", "linear,mist", "--codecs", "fp32",
+            "--k", "mist=2", "--json"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "mist@fp32: the kept row was made with other settings (depth None -> 2): redoing it" in res.stderr
+    assert "linear@fp32: the kept row" not in res.stderr  # same settings: kept
+    rows = {(r["method"], r["codec"]): r for r in json.loads(res.stdout)["rows"]}
+    assert rows[("mist", "fp32")]["k"] == 2 and rows[("mist", "fp32")]["settings"]["depth"] == 2
+    assert rows[("linear", "fp32")] == {**compare_run["report"]["rows"][0], "fits": rows[("linear", "fp32")]["fits"],
+                                        "why_not": rows[("linear", "fp32")]["why_not"]}
+
+
+def test_fixed_depth_names_a_compared_method(tmp_path: Path) -> None:
+    base = ["compare", "--train", "t.txt", "--val", "v.txt", "--out", str(tmp_path / "o"), "--methods", "mist"]
+    res = runner.invoke(app, [*base, "--k", "vitsplit=9"])
+    assert res.exit_code == 2 and "'vitsplit' is not one of --methods" in res.stderr
+    res = runner.invoke(app, [*base, "--k", "mist"])
+    assert res.exit_code == 2 and "METHOD=INT" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_ctrl_c_keeps_finished_rows(tiny_checkpoint: dict, digits_lists: dict, tiny_weights: Path, tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import mist_kit.compare as compare

@@ -77,7 +77,7 @@ def test_edge_session_runs_tflite_like_onnx(tflite_bundle: tuple[Path, dict]) ->
     lite = EdgeSession(bundle, SessionSettings(backend="litert"))
     assert lite.backend == "litert" and lite.bundle.edge_path.name == "edge.tflite"
     ort = EdgeSession(open_edge_bundle(out), SessionSettings())
-    shape = bundle.feature_shape
+    shape = bundle.inputs[0]["shape"][1:]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8, *shape)).astype(np.float32)
     name = bundle.inputs[0]["name"]
@@ -132,3 +132,33 @@ def test_unsupported_codec_is_a_usage_error(tiny_checkpoint: dict, tmp_path: Pat
     lines = [ln for ln in result.output.splitlines() if ln.strip() and ln.startswith("error:")]
     assert len(lines) == 1 and "--tflite" in lines[0] and "int8-token" in lines[0], result.output
     assert json.loads((out / "manifest.json").read_text()) == {"old": True}
+
+
+@needs_extra
+def test_vitsplit_lite_exports_to_tflite_and_agrees(tiny_checkpoint: dict, digits_lists: dict, tiny_weights: Path,
+                                                    tmp_path: Path) -> None:
+    """The copied ViT block (softmax attention, GELU MLP, cls-only query) converts and passes the same gate."""
+    from mist_kit.pipeline import TrainRequest, run_training
+    from mist_kit.runtime.bundle import open_edge_bundle
+    from mist_kit.runtime.edge_session import EdgeSession, SessionSettings
+    from mist_kit.train import TrainParams
+
+    req = TrainRequest(backbone="test_vit", weights=str(tiny_weights), img_size=32, train=str(digits_lists["train"]),
+                       val=str(digits_lists["val"]), out=tmp_path / "run", method="vitsplit-lite",
+                       params=TrainParams(epochs=2, seed=0), progress=False,
+                       cache_dir=Path(tiny_checkpoint["out"]) / "cache")
+    report = run_training(req, log=lambda _m: None, codec={"name": "fp32"})
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(app, ["export", report["checkpoint"], "--out", str(out), "--tflite", "--codec", "fp32",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"]["name"] == "vitsplit-lite" and manifest["edge"]["tflite"] == "edge.tflite"
+    tfl = json.loads(result.stdout)["tflite"]
+    assert tfl["passed"] and tfl["agreement"] >= 0.99 and tfl["int8_ops"], tfl
+    lite = EdgeSession(open_edge_bundle(out, variant="tflite"), SessionSettings(backend="litert"))
+    ort = EdgeSession(open_edge_bundle(out), SessionSettings())
+    name = lite.bundle.inputs[0]["name"]
+    x = np.random.default_rng(0).standard_normal((8, *lite.bundle.inputs[0]["shape"][1:])).astype(np.float32)
+    lite_pred = np.concatenate([lite.logits({name: x[i:i + 1]}) for i in range(len(x))]).argmax(1)
+    assert (lite_pred == ort.logits({name: x}).argmax(1)).mean() >= 0.75

@@ -9,7 +9,10 @@ Protocol (what makes the rows comparable):
   timed on this host with the profile's threads (capped at this host's cores; a host timing, flagged), its recorded
   parameters and MACs, bytes per image on the wire (plain and zstd), and the peak RSS of `run-edge` and of
   `finetune-edge` on val features, each measured in a fresh process, against the profile's memory budget.
-Rows are appended to `OUT/rows.jsonl` as they finish: a rerun skips finished rows, Ctrl-C keeps them.
+Rows are appended to `OUT/rows.jsonl` as they finish: a rerun skips finished rows, Ctrl-C keeps them. Each row
+records the settings it was made under (backbone, weights, data, epochs, seed, precision, depth); a rerun with other
+settings redoes that row instead of reusing it, and a rerun for another device only re-judges kept rows (and
+re-times their edge graph when the device's thread count differs).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ ROWS_FILE = "rows.jsonl"
 # The keys of one row, documented for `--json` consumers (README, compare section).
 ROW_KEYS = ("method", "codec", "k", "val_top1", "test_top1", "bytes_per_image", "bytes_per_image_zstd",
             "edge_params", "edge_macs_per_image", "edge_ms", "edge_ms_threads", "host_timing", "inference_rss_mb",
-            "finetune_rss_mb", "fits", "why_not", "train_seconds", "checkpoint", "bundle", "error")
+            "finetune_rss_mb", "fits", "why_not", "train_seconds", "checkpoint", "bundle", "settings", "error")
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,9 @@ class CompareRequest:
     seed: int = 0
     cache_dir: Path | None = None
     backbone_precision: str = "fp32"
+    train_precision: str = "fp32"
+    depths: dict[str, int] = field(default_factory=dict)  # a method's fixed depth instead of its search on val
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from mist_kit.edge import get_edge_method
@@ -71,10 +75,34 @@ class CompareRequest:
             get_edge_method(m)  # unknown names: one line listing the registered ones
         for c in self.codecs:
             codec_params(parse_codec_name(c)[0])
+        for m in self.depths:
+            if m not in self.methods:
+                raise UsageError(f"--k {m}=...: {m!r} is not one of --methods ({', '.join(self.methods)})")
+        if self.backbone_precision not in ("fp32", "bf16"):
+            raise UsageError(f"--backbone-precision must be fp32 or bf16, got {self.backbone_precision!r}")
+        from mist_kit.train import TrainParams
+
+        TrainParams(precision=self.train_precision)  # bf16 on a CPU without it: one line, before any work
         if self.max_bytes is not None and self.max_bytes < 1:
             raise UsageError(f"--max-bytes must be >= 1, got {self.max_bytes}")
         if self.max_latency_ms is not None and not self.max_latency_ms > 0:
             raise UsageError(f"--max-latency-ms must be > 0, got {self.max_latency_ms}")
+
+
+def parse_depths(text: str | None) -> dict[str, int]:
+    """'mist=4,vitsplit=9' -> {'mist': 4, 'vitsplit': 9} (what --k takes)."""
+    depths: dict[str, int] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            depths[name.strip()] = int(value)
+        except ValueError:
+            raise UsageError(f"--k {text!r}: expected METHOD=INT pairs, e.g. mist=4,vitsplit=9") from None
+    return depths
 
 
 def parse_bytes(text: str | None) -> int | None:
@@ -99,6 +127,19 @@ def _row_id(method: str, codec: str) -> str:
     return f"{method}@{codec}"
 
 
+def _settings(req: CompareRequest, method: str) -> dict[str, Any]:
+    """What a row's numbers depend on besides its (method, codec): a kept row is reused only under equal settings.
+    The device and the limits are not in it: they only judge a row (and set the threads it is timed with)."""
+    weights = None
+    if req.weights:
+        st = Path(req.weights).stat()
+        weights = f"{Path(req.weights).resolve()}:{st.st_size}:{int(st.st_mtime)}"
+    return {"backbone": req.backbone, "weights": weights, "img_size": req.img_size, "train": req.train,
+            "val": req.val, "test": req.test, "epochs": req.epochs, "seed": req.seed,
+            "backbone_precision": req.backbone_precision, "train_precision": req.train_precision,
+            "depth": req.depths.get(method)}
+
+
 def _load_rows(path: Path) -> dict[str, dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     if not path.is_file():
@@ -106,10 +147,19 @@ def _load_rows(path: Path) -> dict[str, dict[str, Any]]:
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
-            rows[_row_id(row["method"], row["codec"])] = row
+            rows[_row_id(row["method"], row["codec"])] = row  # a later line (a redone row) wins
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut by a crash: that row is simply redone
     return rows
+
+
+def _changed(kept: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """None when a kept row was made under `now`'s settings, else what differs (for the log line)."""
+    then = kept.get("settings") or {}
+    defaults = {"train_precision": "fp32"}  # a setting added later: rows made before it used its default
+    diff = [f"{k} {then.get(k, defaults.get(k))!r} -> {v!r}" for k, v in now.items()
+            if then.get(k, defaults.get(k)) != v]
+    return ", ".join(diff) or None
 
 
 def _append_row(path: Path, row: dict[str, Any]) -> None:
@@ -188,6 +238,10 @@ def _reproduce(req: CompareRequest, row: dict[str, Any]) -> list[str]:
     k = "" if row["k"] is None else f" --k {row['k']}"
     test = f" --test {req.test}" if req.test else ""
     out = f"runs/{row['method']}-{row['codec']}"
+    if req.backbone_precision != "fp32":
+        test += f" --backbone-precision {req.backbone_precision}"
+    if req.train_precision != "fp32":
+        test += f" --train-precision {req.train_precision}"
     return [f"mist-kit train --backbone {req.backbone}{weights}{size} --train {req.train} --val {req.val}{test} "
             f"--method {row['method']}{k} --codec {row['codec']} --epochs {req.epochs} --seed {req.seed} "
             f"--out {out}",
@@ -231,8 +285,8 @@ def run_compare(req: CompareRequest, log: Log = print) -> CompareResult:
         log(f"resuming: {len(done)} finished rows in {rows_path}")
     base = TrainRequest(backbone=req.backbone, weights=req.weights, img_size=req.img_size, train=req.train,
                         val=req.val, test=req.test, out=out / "runs" / "_", cache_dir=cache_dir,
-                        params=TrainParams(epochs=req.epochs, seed=req.seed), progress=req.progress,
-                        backbone_precision=req.backbone_precision)
+                        params=TrainParams(epochs=req.epochs, seed=req.seed, precision=req.train_precision),
+                        progress=req.progress, backbone_precision=req.backbone_precision)
     _fill_cache(base, req.methods, log)
     notes = [f"host timings: the edge graph ran here ({_host()}) with {profile.name}'s threads capped at this "
              "host's cores; they rank the rows, they are not the device's milliseconds"]
@@ -245,9 +299,15 @@ def run_compare(req: CompareRequest, log: Log = print) -> CompareResult:
             for c_i, codec in enumerate(req.codecs):
                 rid = _row_id(method, codec)
                 n = m_i * len(req.codecs) + c_i + 1
-                if rid in done:
-                    rows.append(done[rid])
-                    chosen_k = done[rid].get("k") if chosen_k is None else chosen_k
+                settings = _settings(req, method)
+                if chosen_k is None:
+                    chosen_k = req.depths.get(method)
+                kept = done.get(rid)
+                if kept is not None and (why := _changed(kept, settings)) is not None:
+                    log(f"[{n}/{total}] {rid}: the kept row was made with other settings ({why}): redoing it")
+                elif kept is not None:
+                    rows.append(_retimed(kept, profile, log))
+                    chosen_k = kept.get("k") if chosen_k is None else chosen_k
                     continue
                 searches = chosen_k is None and get_edge_method(method).searches_depth()
                 log(f"[{n}/{total}] {rid}: training{' (depth search on val)' if searches else ''}")
@@ -257,6 +317,7 @@ def run_compare(req: CompareRequest, log: Log = print) -> CompareResult:
                 except MistError as exc:
                     row = {"method": method, "codec": codec, "k": chosen_k, "error": str(exc)}
                     log(f"[{n}/{total}] {rid}: skipped ({exc})")
+                row["settings"] = settings
                 if chosen_k is None and row.get("k") is not None:
                     chosen_k = row["k"]  # the method's depth, searched once on val, serves its other codecs
                 row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -274,6 +335,23 @@ def run_compare(req: CompareRequest, log: Log = print) -> CompareResult:
     best = _best(rows)
     return CompareResult(rows, profile.name, profile.budget_mb, jpeg, best,
                          _reproduce(req, best) if best else [], notes, interrupted)
+
+
+def _retimed(row: dict[str, Any], profile: Any, log: Log) -> dict[str, Any]:
+    """A kept row, its edge graph re-timed when this device's (capped) thread count differs from the one it was
+    timed with; its bundle and features file are reused, nothing is retrained."""
+    from mist_kit.devices.caps import capped_threads
+    from mist_kit.runtime.features_file import read_features
+
+    threads = capped_threads(profile.threads)[0]
+    feats = Path(row.get("features") or "")
+    if row.get("error") or threads == row.get("edge_ms_threads") or not feats.is_file():
+        return row
+    encoded = read_features(feats).read(0, 30)
+    ms, used = _edge_ms(Path(row["bundle"]), profile, encoded)
+    log(f"{row['method']}/{row['codec']}: re-timed at {used} threads ({row['edge_ms']} ms at "
+        f"{row['edge_ms_threads']} -> {ms} ms)")
+    return {**row, "edge_ms": ms, "edge_ms_threads": used}
 
 
 def _host() -> str:
@@ -346,7 +424,7 @@ def _one_row(req: CompareRequest, base: Any, profile: Any, method: str, codec: s
         "edge_params": manifest["edge"]["params"], "edge_macs_per_image": manifest["edge"]["macs_per_image"],
         "edge_ms": ms, "edge_ms_threads": threads, "host_timing": True, "inference_rss_mb": inf_rss,
         "finetune_rss_mb": ft_rss, "train_seconds": report["train_seconds"], "checkpoint": report["checkpoint"],
-        "bundle": str(bundle), "input_size": int(manifest["input"]["size"]),
+        "bundle": str(bundle), "features": str(feats), "input_size": int(manifest["input"]["size"]),
     }
     row["fits"], row["why_not"] = _verdict(row, profile, req)
     log(f"{name}: val {row['val_top1']:.3f}, {plain:,} B/img, {ms} ms, RSS {max(inf_rss, ft_rss):.0f} MB"

@@ -48,6 +48,7 @@ class TrainParams:
     seed: int = 0
     prune_margin: float | None = None  # stop a candidate trailing the best val top-1 by more than this
     prune_after: int = 3  # ... once it has trained this many epochs
+    precision: str = "fp32"  # "bf16": training forward/backward under CPU bf16 autocast (see train_autocast)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -66,6 +67,24 @@ class TrainParams:
             raise UsageError(f"--prune-margin must be in [0, 1] (a top-1 fraction), got {self.prune_margin}")
         if self.prune_after < 1:
             raise UsageError(f"--prune-after must be >= 1, got {self.prune_after}")
+        if self.precision not in ("fp32", "bf16"):
+            raise UsageError(f"--train-precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision == "bf16" and not cpu_has_bf16():
+            raise UsageError("--train-precision bf16: this CPU has no bf16 instructions (avx512_bf16 or AMX); "
+                             "use fp32")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether bf16 matmuls run natively here (AVX-512 BF16 or AMX); emulated bf16 is slower than fp32."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def train_autocast(params: TrainParams) -> Any:
+    """The context the training step runs in. bf16 autocast on an AMX / AVX-512-BF16 CPU: measured on ViT-S/14
+    shapes (batch 32, 1 thread), one vitsplit step (3 copied blocks + prior head) 6.34 s -> 2.17 s and vitsplit-lite
+    0.24 -> 0.10 s; MIST's LAE does not gain (0.14 -> 0.15 s: its products are too small). Parameters, optimiser
+    and evaluation stay fp32, so the exported graphs are what they were."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=params.precision == "bf16")
 
 
 @dataclass
@@ -201,7 +220,8 @@ def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hasha
                 idx = np.sort(order[s * params.batch_size: (s + 1) * params.batch_size])
                 y = y_all[idx]
                 for key in active:
-                    loss = loss_fn(models[key](_batch(tx[key], idx, per_key[key])), y)
+                    with train_autocast(params):
+                        loss = loss_fn(models[key](_batch(tx[key], idx, per_key[key])).float(), y)
                     opts[key].zero_grad(set_to_none=True)
                     loss.backward()
                     opts[key].step()

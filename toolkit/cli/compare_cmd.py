@@ -38,7 +38,8 @@ def render(result: Any) -> Table:
         mark = "yes" if r["fits"] else "no"
         if result.best is r:
             mark = "BEST"
-        table.add_row(r["method"], r["codec"], str(r["k"]), _pct(r["val_top1"]), _pct(r["test_top1"]),
+        depth = "-" if r["k"] is None else str(r["k"])
+        table.add_row(r["method"], r["codec"], depth, _pct(r["val_top1"]), _pct(r["test_top1"]),
                       f"{r['bytes_per_image']:,}", f"{r['bytes_per_image_zstd']:,.0f}", f"{r['edge_params']:,}",
                       f"{r['edge_macs_per_image'] / 1e6:.2f}", f"{r['edge_ms']:.3f}",
                       f"{r['inference_rss_mb']:.0f}/{r['finetune_rss_mb']:.0f}", mark)
@@ -63,7 +64,11 @@ def compare(
     max_bytes: Annotated[str | None, typer.Option(help="Link budget per image, e.g. 16KB")] = None,
     max_latency_ms: Annotated[float | None, typer.Option(help="Edge latency budget per image (host timing)")]
     = None,
+    k: Annotated[str | None, typer.Option("--k", help="Fix a method's depth instead of searching it on val, "
+                                          "e.g. mist=4,vitsplit=9")] = None,
     epochs: Annotated[int, typer.Option(help="Maximum epochs per training (early stopping on val)")] = 30,
+    backbone_precision: Annotated[str, typer.Option(help="Backbone precision while caching: fp32 | bf16")] = "fp32",
+    train_precision: Annotated[str, typer.Option(help="Edge training precision: fp32 | bf16 (autocast)")] = "fp32",
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root (default OUT/cache)")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the Pareto plot (PNG) here")] = None,
@@ -72,12 +77,14 @@ def compare(
 ) -> None:
     """Rank methods x codecs on accuracy, bytes, edge latency and memory for a device and a link; pick the best
     that fits and print the commands that reproduce it. Finished rows are kept: rerun to resume."""
-    from mist_kit.compare import CompareRequest, parse_bytes, run_compare, write_plot
+    from mist_kit.compare import CompareRequest, parse_bytes, parse_depths, run_compare, write_plot
 
     req = CompareRequest(backbone=backbone, weights=str(weights) if weights else None, img_size=img_size,
                          train=train, val=val, test=test, out=out, methods=_split(methods, "--methods"),
                          codecs=_split(codecs, "--codecs"), device=device, max_bytes=parse_bytes(max_bytes),
                          max_latency_ms=max_latency_ms, epochs=epochs, seed=seed, cache_dir=cache_dir,
+                         depths=parse_depths(k), backbone_precision=backbone_precision,
+                         train_precision=train_precision,
                          progress=not (json_out or quiet))
     log = logger(quiet)
     result = run_compare(req, log=log)

@@ -1,7 +1,8 @@
 """`mist-kit demo`: the whole pipeline, offline, on bundled data with a small seeded random-init ViT.
 
 cache -> train (k auto) -> evaluate -> export (cloud.onnx + int8 edge.onnx) -> extract (cloud graph over the test
-images) -> codec table -> run-edge as an rpi4 -> finetune-edge -> the served path (KServe v2 on loopback).
+images) -> codec table -> run-edge as an rpi4 -> finetune-edge -> the served path (KServe v2 on loopback) -> a small
+`compare` (linear and mist x fp32 and int8-channel, for an rpi4, from the same cache).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ DEMO_CODECS = ("fp32", "fp16", "int8-channel", "int4-channel", "pool2-int4")
 # (still a k search), 12 epochs (val top-1 has levelled off by then on digits), one torch thread (see `demo`).
 DEMO_KS = (3, 6)
 DEMO_EPOCHS = 12
+# The compare stage: two methods x two codecs, mist at the k the train stage chose (no second search).
+DEMO_COMPARE_METHODS = ("linear", "mist")
+DEMO_COMPARE_CODECS = ("fp32", "int8-channel")
 
 
 def register(app: typer.Typer) -> None:
@@ -60,6 +64,8 @@ def demo(
     out: Annotated[Path, typer.Option(help="Working directory for data, checkpoint, bundle")] = Path("demo-out"),
     epochs: Annotated[int, typer.Option(help="Maximum training epochs")] = DEMO_EPOCHS,
     serve: Annotated[bool, typer.Option(help="Also run the served path (KServe v2 on loopback)")] = True,
+    compare: Annotated[bool, typer.Option(help="Also run a small `compare` (linear, mist x fp32, int8-channel)")]
+    = True,
 ) -> None:
     """Run the whole pipeline on scikit-learn's digits with a random-init tiny ViT, then print a summary."""
     import time
@@ -88,7 +94,7 @@ def demo(
     if not weights.exists():
         save_random_backbone(DEMO_BACKBONE, weights, img_size=DEMO_IMG_SIZE, seed=0)
 
-    _stage(t_start, "[1/7] cache features + train (k chosen on val)")
+    _stage(t_start, "[1/8] cache features + train (k chosen on val)")
     req = TrainRequest(backbone=DEMO_BACKBONE, weights=str(weights), img_size=DEMO_IMG_SIZE,
                        train=str(lists["train"]), val=str(lists["val"]), test=str(lists["test"]),
                        out=out / "train", ks=DEMO_KS,
@@ -97,38 +103,53 @@ def demo(
     ckpt = report["checkpoint"]
     ev = run_evaluation(ckpt, str(lists["test"]), log=_say, progress=False)
 
-    _stage(t_start, "[2/7] export: cloud.onnx + int8 edge.onnx + head, validated")
+    _stage(t_start, "[2/8] export: cloud.onnx + int8 edge.onnx + head, validated")
     bundle = out / "bundle"
     exp = export_bundle(ckpt, bundle, log=_say)
     if not exp.ok:
         raise ExportError("demo export failed validation: " + "; ".join(exp.problems))
     parity = exp.manifest["parity"]
 
-    _stage(t_start, "[3/7] extract: run cloud.onnx over the val and test images")
+    _stage(t_start, "[3/8] extract: run cloud.onnx over the val and test images")
     val_feats, test_feats = out / "val.features.safetensors", out / "test.features.safetensors"
     extract(bundle, str(lists["val"]), val_feats, 64)
     ext = extract(bundle, str(lists["test"]), test_feats, 64)
 
-    _stage(t_start, "[4/7] codec bench (val split)")
+    _stage(t_start, "[4/8] codec bench (val split)")
     codecs = bench_codecs(list(DEMO_CODECS), checkpoint=ckpt, data=str(lists["val"]), log=_say)
 
-    _stage(t_start, "[5/7] run-edge --device rpi4 on the test features")
+    _stage(t_start, "[5/8] run-edge --device rpi4 on the test features")
     edge = run_edge(bundle, test_feats, device="rpi4", batch=32)
 
-    _stage(t_start, "[6/7] finetune-edge --device rpi4: retrain the head on the val features, measured on test")
+    _stage(t_start, "[6/8] finetune-edge --device rpi4: retrain the head on the val features, measured on test")
     state_dir = out / "device-heads"
     shutil.rmtree(state_dir, ignore_errors=True)  # each demo run starts from the bundle's head
     ft = finetune_edge(bundle, val_feats, device="rpi4", eval_features=test_feats, state_dir=state_dir)
 
     served = None
     if serve:
-        _stage(t_start, "[7/7] serve-cloud on loopback + the edge client (KServe v2, binary tensors)")
+        _stage(t_start, "[7/8] serve-cloud on loopback + the edge client (KServe v2, binary tensors)")
         from mist_kit.data import load_image_list
         from mist_kit.runtime.v2_server import serve_roundtrip
 
         _, served = serve_roundtrip(bundle, list(load_image_list(str(lists["test"])).paths[:16]), batch=8)
 
+    compared = None
+    if compare:
+        _stage(t_start, "[8/8] compare: linear and mist x fp32 and int8-channel for an rpi4 (same cache)")
+        from mist_kit.cli.compare_cmd import render
+        from mist_kit.compare import CompareRequest, run_compare
+
+        creq = CompareRequest(backbone=DEMO_BACKBONE, weights=str(weights), img_size=DEMO_IMG_SIZE,
+                              train=str(lists["train"]), val=str(lists["val"]), test=str(lists["test"]),
+                              out=out / "compare", methods=DEMO_COMPARE_METHODS, codecs=DEMO_COMPARE_CODECS,
+                              device="rpi4", epochs=epochs, cache_dir=out / "train" / "cache",
+                              depths={"mist": int(report["k"])}, progress=False)
+        compared = run_compare(creq, log=_say)
+
     console.print(_codec_table(codecs.rows, codecs.jpeg_q90_bytes))
+    if compared is not None:
+        console.print(render(compared))
     total_s = time.perf_counter() - t_start
     table = Table(title="mist-kit demo summary")
     table.add_column("step")
@@ -149,6 +170,10 @@ def demo(
     if served is not None:
         table.add_row("served path (loopback)", f"{served['images']} JPEG/PNG -> {served['model']}: max abs diff vs "
                       f"in-process {served['max_abs_diff_vs_in_process']:.1e}, {served['seconds']:.2f} s")
+    if compared is not None and compared.best is not None:
+        b = compared.best
+        table.add_row("compare (rpi4, chosen on val)", f"{b['method']} with {b['codec']}: val top-1 "
+                      f"{b['val_top1']:.3f}, {b['bytes_per_image']:,} B/image; table above, rows in {out / 'compare'}")
     table.add_row("bundle", str(bundle))
     table.add_row("wall time", f"{total_s:.0f} s for the whole demo (data, every stage, summary)")
     console.print(table)
