@@ -139,23 +139,40 @@ def fit_mode(args: argparse.Namespace) -> None:
               f"{sorted({r['checksum'] for r in rs})}")
 
 
-def ratio_mode(args: argparse.Namespace) -> None:
-    torch.set_num_threads(1)
+def time_backbone(weights: Path, images: list[Path]) -> tuple[float, float]:
+    """(wall, CPU) seconds per image of one cached-style fp32 backbone pass (decode + preprocess + every block the
+    k candidates need), as bench/train_caltech.time_backbone measures it, with the CPU clock beside the wall one."""
     sys.path.insert(0, str(ROOT / "bench"))
     import train_caltech as tc
 
+    from mist_kit.backbone import load_backbone
+    from mist_kit.backbone_run import run_backbone
+    from mist_kit.data import load_pixels
+
+    model, spec = load_backbone("vit_small_patch14_dinov2", img_size=224, weights=weights)
+    sources = tc.mist_sources(spec)
+    run_backbone(model, torch.from_numpy(np.stack([load_pixels(images[0], 224, spec.mean, spec.std)])), sources,
+                 "fp32")  # warm-up
+    w0, c0 = time.perf_counter(), time.process_time()
+    for i in range(0, len(images), 16):
+        px = np.stack([load_pixels(p, 224, spec.mean, spec.std) for p in images[i: i + 16]])
+        run_backbone(model, torch.from_numpy(px), sources, "fp32")
+    return (time.perf_counter() - w0) / len(images), (time.process_time() - c0) / len(images)
+
+
+def ratio_mode(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(ROOT / "bench"))
+
     from mist_kit.data import load_image_list
 
-    tc.BACKBONE = "vit_small_patch14_dinov2"
     images = list(load_image_list(DATA / "train800val200.txt").paths)
     subset = images[:args.subset]
     print(f"uptime: {os.popen('uptime').read().strip()}", flush=True)
-    c0 = time.process_time()
-    before = tc.time_backbone(args.weights, subset, "fp32")
-    cpu_before = (time.process_time() - c0) / len(subset)  # includes the one warm-up image: an upper bound
+    before, cpu_before = time_backbone(args.weights, subset)
     print(f"backbone fp32 {before * 1e3:.1f} ms/image (1 thread, {len(subset)} images)", flush=True)
-    cmd = [str(Path(sys.executable).parent / "mist-kit"), "train", "--backbone", tc.BACKBONE, "--weights",
-           str(args.weights), "--img-size", "224", "--train", str(DATA / "train800.txt"), "--val",
+    cmd = [str(Path(sys.executable).parent / "mist-kit"), "train", "--backbone", "vit_small_patch14_dinov2",
+           "--weights", str(args.weights), "--img-size", "224", "--train", str(DATA / "train800.txt"), "--val",
            str(DATA / "val200.txt"), "--k", "auto", "--cache-dir", str(args.cache), "--out", str(args.out),
            "--json"]
     print(" ".join(cmd), flush=True)
@@ -167,9 +184,7 @@ def ratio_mode(args: argparse.Namespace) -> None:
     rep = json.loads(proc.stdout.strip().splitlines()[-1])
     train_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     train_cpu_s = train_cpu.ru_utime + train_cpu.ru_stime  # the whole command: imports and cache checks included
-    c0 = time.process_time()
-    after = tc.time_backbone(args.weights, subset, "fp32")
-    cpu_after = (time.process_time() - c0) / len(subset)
+    after, cpu_after = time_backbone(args.weights, subset)
     print(f"backbone fp32 {after * 1e3:.1f} ms/image after training", flush=True)
     print(f"uptime: {os.popen('uptime').read().strip()}")
     per_image = float(np.mean([before, after]))
