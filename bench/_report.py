@@ -15,7 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 HEADER = ("# mist-kit benchmarks\n\nEvery section is written by the script named in it, with the command that "
           "produced it. Ratios are measured within one run on one machine.\n")
-ORDER = ("train", "export", "codec", "runtime", "aarch64", "serve")
 
 
 def machine() -> str:
@@ -36,12 +35,8 @@ def update_section(name: str, title: str, body: str, command: str) -> None:
     pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _m: block, text)
-    else:
-        sections = {m.group(1): m.group(0) for m in
-                    re.finditer(r"<!-- BEGIN (\S+) -->.*?<!-- END \1 -->", text, re.S)}
-        sections[name] = block
-        ordered = sorted(sections, key=lambda s: ORDER.index(s) if s in ORDER else len(ORDER))
-        text = HEADER + "\n" + "\n\n".join(sections[s] for s in ordered) + "\n"
+    else:  # a new section goes at the end: every other line of the file (marked or not) is kept as it is
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
     write_text(BENCHMARKS, text)
 
 

@@ -95,7 +95,8 @@ def base_manifest(config: CheckpointConfig, model_name: str, plan: CloudPlan, co
 
 
 def write_bundle(out: str | Path, art: Artifacts, manifest: dict[str, Any],
-                 validate: Callable[[Path, dict[str, Any]], list[str]]) -> dict[str, Any]:
+                 validate: Callable[[Path, dict[str, Any]], list[str]], triton_backend: str = "onnxruntime",
+                 ) -> dict[str, Any]:
     """Write every file into a temp dir, run `validate(tmp, manifest)` on the written files, then publish.
 
     Returns the final manifest. Raises ValidationFailed (nothing published) if `validate` reports problems.
@@ -112,7 +113,7 @@ def write_bundle(out: str | Path, art: Artifacts, manifest: dict[str, Any],
         write_head(art.method, tmp / HEAD_FILE)
         if art.tflite is not None:
             (tmp / EDGE_TFLITE_FILE).write_bytes(art.tflite)
-        write_deploy(tmp, CLOUD_FILE, manifest["model_name"], cloud_in, cloud_out)
+        write_deploy(tmp, CLOUD_FILE, manifest["model_name"], cloud_in, cloud_out, backend=triton_backend)
         final = {**manifest, "files": files_table(tmp)}
         problems = validate(tmp, final)
         if problems:

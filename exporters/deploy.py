@@ -13,9 +13,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mist_kit.errors import UsageError
+
 TRITON_DIR = "triton"
 KSERVE_FILE = "kserve-inferenceservice.yaml"
 MAX_BATCH = 64
+# Triton backends the generated config.pbtxt can name; all serve the bundle's own cloud.onnx.
+TRITON_BACKENDS = ("onnxruntime", "openvino", "openvino-bf16")
 _TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8",
                  "int32": "TYPE_INT32", "int64": "TYPE_INT64", "bool": "TYPE_BOOL"}
 
@@ -45,13 +49,39 @@ def _tensor_block(entries: list[dict[str, Any]]) -> str:
     return ",\n".join(rows)
 
 
+def _parameters(params: dict[str, str]) -> str:
+    rows = [f'  {{\n    key: "{k}"\n    value: {{ string_value: "{v}" }}\n  }}' for k, v in params.items()]
+    return "parameters [\n" + ",\n".join(rows) + "\n]\n"
+
+
+def _backend_lines(backend: str) -> tuple[str, str]:
+    """(lines after `name`, trailing parameters block) for one of TRITON_BACKENDS.
+
+    Triton's OpenVINO backend reads the same model.onnx when told its file name (its default is model.xml); it
+    parses only INFERENCE_NUM_THREADS, COMPILATION_NUM_THREADS, HINT_BF16, NUM_STREAMS and PERFORMANCE_HINT, so
+    fp32 cannot be pinned there: on a CPU with native bf16, OpenVINO's CPU plugin default (bf16) applies.
+    """
+    if backend == "onnxruntime":
+        return 'backend: "onnxruntime"\n', ""
+    params = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+    if backend == "openvino-bf16":
+        params["HINT_BF16"] = "YES"
+    head = ('# OpenVINO CPU plugin: on CPUs with native bf16 it computes in bf16 by default (fp32 is not settable '
+            'through this backend)\nbackend: "openvino"\ndefault_model_filename: "model.onnx"\n')
+    return head, _parameters(params)
+
+
 def triton_config(model_name: str, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]],
-                  max_batch: int = MAX_BATCH) -> str:
-    """config.pbtxt text: onnxruntime backend, the graph's inputs/outputs, dynamic batching on the batch axis."""
-    return (f'name: "{model_name}"\nbackend: "onnxruntime"\nmax_batch_size: {max_batch}\n'
+                  max_batch: int = MAX_BATCH, backend: str = "onnxruntime") -> str:
+    """config.pbtxt text: the chosen backend (TRITON_BACKENDS) on the same model.onnx, the graph's
+    inputs/outputs, dynamic batching on the batch axis."""
+    if backend not in TRITON_BACKENDS:
+        raise UsageError(f"--triton-backend {backend!r}: expected one of {', '.join(TRITON_BACKENDS)}")
+    head, params = _backend_lines(backend)
+    return (f'name: "{model_name}"\n{head}max_batch_size: {max_batch}\n'
             f"input [\n{_tensor_block(inputs)}\n]\noutput [\n{_tensor_block(outputs)}\n]\n"
             "dynamic_batching {\n  max_queue_delay_microseconds: 2000\n}\n"
-            "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n")
+            "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n" + params)
 
 
 def kserve_yaml(model_name: str, storage_uri: str) -> str:
@@ -66,7 +96,8 @@ def kserve_yaml(model_name: str, storage_uri: str) -> str:
 
 
 def write_deploy(bundle_tmp: Path, cloud_file: str, model_name: str, inputs: list[dict[str, Any]],
-                 outputs: list[dict[str, Any]], storage_uri: str | None = None) -> list[str]:
+                 outputs: list[dict[str, Any]], storage_uri: str | None = None,
+                 backend: str = "onnxruntime") -> list[str]:
     """Write deploy/ inside a bundle being assembled; returns the relative paths written."""
     deploy = bundle_tmp / "deploy"
     version = deploy / TRITON_DIR / model_name / "1"
@@ -76,7 +107,8 @@ def write_deploy(bundle_tmp: Path, cloud_file: str, model_name: str, inputs: lis
         os.link(bundle_tmp / cloud_file, target)
     except OSError:
         shutil.copyfile(bundle_tmp / cloud_file, target)
-    (deploy / TRITON_DIR / model_name / "config.pbtxt").write_text(triton_config(model_name, inputs, outputs))
+    (deploy / TRITON_DIR / model_name / "config.pbtxt").write_text(triton_config(model_name, inputs, outputs,
+                                                                                     backend=backend))
     uri = storage_uri or f"pvc://mist-models/{model_name}/deploy/{TRITON_DIR}"
     (deploy / KSERVE_FILE).write_text(kserve_yaml(model_name, uri))
     return [p.relative_to(bundle_tmp).as_posix() for p in sorted(deploy.rglob("*")) if p.is_file()]

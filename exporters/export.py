@@ -19,6 +19,7 @@ import numpy as np
 
 from mist_kit.calibration.modes import AUTO, Precision, resolve_modes
 from mist_kit.errors import InputError, UsageError
+from mist_kit.exporters.deploy import TRITON_BACKENDS
 
 Log = Callable[[str], None]
 
@@ -42,6 +43,7 @@ class ExportOptions:
     weights: str | None = None  # backbone weights file, if moved since training
     cache_dir: Path | None = None
     seed: int = 0
+    triton_backend: str = "onnxruntime"  # deploy/triton config.pbtxt backend (exporters/deploy.py TRITON_BACKENDS)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_agreement <= 1.0:
@@ -52,6 +54,8 @@ class ExportOptions:
             raise UsageError("cannot set both --tflite and --quantize none: edge.tflite is the int8 LiteRT graph")
         if self.quantize is Precision.NONE and (self.mode != AUTO or self.op_types):
             raise UsageError("cannot set both --quantize none and --mode/--op-types")
+        if self.triton_backend not in TRITON_BACKENDS:
+            raise UsageError(f"--triton-backend {self.triton_backend!r}: expected one of {', '.join(TRITON_BACKENDS)}")
         if self.quantize is Precision.INT8:
             resolve_modes(self.mode, self.op_types)  # unknown mode names fail now, not after the export
 
@@ -265,7 +269,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
 
     out = Path(out)
     try:
-        manifest = write_bundle(out, art, manifest, validate) if not problems else manifest
+        manifest = write_bundle(out, art, manifest, validate, opts.triton_backend) if not problems else manifest
         ok = not problems
     except ValidationFailed as exc:
         ok, problems = False, exc.problems

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from mist_kit.data import decode_image, preprocess
-from mist_kit.errors import BundleError, DataError
+from mist_kit.errors import BundleError, DataError, MistError
+from mist_kit.runtime.cloud_engine import check_choice, open_cloud_session, output_parity
 from mist_kit.runtime.manifest import CLOUD_FILE, manifest_codecs, open_bundle
-from mist_kit.runtime.ort_session import cpu_session
 from mist_kit.runtime.v2_protocol import InferRequest, ProtocolError, Tensor, check_tensor, v2_datatype
 
 IMAGE_INPUT = "image"
@@ -39,8 +39,11 @@ class ServeConfig:
     max_queue: int = 64
     max_body_mb: float = 32.0
     timeout_s: float = 30.0
-    threads: int = 0  # onnxruntime intra-op threads; 0 = all cores
+    threads: int = 0  # engine intra-op threads; 0 = all cores
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    engine: str = "onnxruntime"  # or "openvino" (see runtime/cloud_engine.py)
+    precision: str = "fp32"  # "bf16": openvino only, where the CPU has native bf16
+    parity_images: int = 4  # seeded images compared against onnxruntime fp32 at startup (non-reference engines)
 
     def __post_init__(self) -> None:
         from mist_kit.errors import UsageError
@@ -51,6 +54,7 @@ class ServeConfig:
             raise UsageError("--max-delay-ms must be >= 0, --timeout-s and --max-body-mb > 0")
         if self.threads < 0:
             raise UsageError(f"--threads {self.threads}: must be >= 0 (0 = all cores)")
+        check_choice(self.engine, self.precision)
 
     @property
     def max_body_bytes(self) -> int:
@@ -63,7 +67,8 @@ def _specs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class CloudModel:
-    """cloud.onnx of a verified bundle in an onnxruntime session, plus what the v2 endpoints report about it."""
+    """cloud.onnx of a verified bundle in an engine session (onnxruntime or OpenVINO, runtime/cloud_engine.py),
+    plus what the v2 endpoints report about it, including which engine and precision run and their parity."""
 
     def __init__(self, bundle_dir: str | Path, config: ServeConfig | None = None) -> None:
 
@@ -81,12 +86,17 @@ class CloudModel:
                               f"['{PIXELS_INPUT}'] (docs/CONTRACTS.md)")
         self.pixel_spec = pixel_specs[0]
         path = self.bundle_dir / m["cloud"].get("file", CLOUD_FILE)
+        self.cloud_path = path
+        engine, precision = self.config.engine, self.config.precision
         try:
-            self.session = cpu_session(path, self.config.threads or 0)
+            self.session, self.engine = open_cloud_session(path, self.config.threads or 0, engine, precision)
+        except MistError:
+            raise
         except Exception as exc:
-            raise BundleError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:300]})") from None
+            raise BundleError(f"{path}: {engine} cannot load it ({str(exc).splitlines()[0][:300]})") from None
         self._check_session()
         self.output_names = [s["name"] for s in self.output_specs]
+        self.parity = self._parity() if (engine, precision) != ("onnxruntime", "fp32") else None
 
     def _check_session(self) -> None:
         """The graph must have the manifest's inputs and outputs (names, order, dtypes): the contract clients see."""
@@ -97,6 +107,28 @@ class CloudModel:
         if got_in != want_in or got_out != want_out:
             raise BundleError(f"{self.bundle_dir / CLOUD_FILE}: graph has inputs {got_in} outputs {got_out}, "
                               f"manifest says {want_in} {want_out}")
+
+    def _parity(self) -> dict[str, Any]:
+        """This engine's outputs against onnxruntime fp32 (the exporter's reference) on seeded N(0, 1) pixels:
+        relative error per output, so a server states at startup how far its features are from the reference."""
+        rng = np.random.default_rng(0)
+        n = max(1, min(self.config.parity_images, self.config.max_batch))
+        pixels = rng.standard_normal((n, 3, self.size, self.size), dtype=np.float32)
+        reference, _ = open_cloud_session(self.cloud_path, self.config.threads or 0, "onnxruntime", "fp32")
+        want = dict(zip(self.output_names, reference.run(self.output_names, {PIXELS_INPUT: pixels}), strict=True))
+        del reference
+        errors = output_parity(want, self.run(pixels))
+        return {"reference": "onnxruntime fp32", "images": n, "inputs": "seeded N(0,1) pixels",
+                "rel_err": {k: float(f"{v:.3g}") for k, v in errors.items()}}
+
+    def engine_line(self) -> str:
+        """One startup line: engine, precision that runs, and (for non-reference engines) parity."""
+        e = self.engine
+        line = f"engine: {e.engine} {e.version.split('-')[0]}, precision {e.precision}"
+        if self.parity is not None:
+            errs = ", ".join(f"{k} {v:.3g}" for k, v in self.parity["rel_err"].items())
+            line += f"; relative error vs {self.parity['reference']} on {self.parity['images']} seeded images: {errs}"
+        return line
 
     # --- v2 metadata -------------------------------------------------------------------------------------------
     def input_specs(self) -> list[dict[str, Any]]:
@@ -114,7 +146,8 @@ class CloudModel:
                            "backbone": m["backbone"].get("name"), "max_batch_size": self.config.max_batch,
                            "cloud_sha256": m["files"].get(cloud_file, {}).get("sha256"),
                            "image_input": {"name": IMAGE_INPUT, "formats": list(IMAGE_FORMATS),
-                                           "note": "decoded and preprocessed per parameters.input"}},
+                                           "note": "decoded and preprocessed per parameters.input"},
+                           "engine": {**self.engine.as_dict(), "parity": self.parity}},
         }
 
     # --- request -> pixels -------------------------------------------------------------------------------------
@@ -170,7 +203,7 @@ class CloudModel:
 
     # --- inference ---------------------------------------------------------------------------------------------
     def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """One onnxruntime call on a (B, 3, H, W) batch; outputs are batch-first."""
+        """One engine call on a (B, 3, H, W) batch; outputs are batch-first."""
         values = self.session.run(self.output_names, {PIXELS_INPUT: pixels})
         return dict(zip(self.output_names, values, strict=True))
 

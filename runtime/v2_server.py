@@ -314,9 +314,10 @@ def _uvicorn_config(app: FastAPI, host: str, port: int, log_level: str,
 
 
 def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          config: ServeConfig | None = None, log_level: str = "info", deadlines: Deadlines | None = None) -> None:
-    """Load the bundle and serve until interrupted (the CLI entry point)."""
-    model = CloudModel(bundle_dir, config)
+          config: ServeConfig | None = None, log_level: str = "info", deadlines: Deadlines | None = None,
+          model: CloudModel | None = None) -> None:
+    """Load the bundle (or serve an already loaded `model`) until interrupted (the CLI entry point)."""
+    model = model or CloudModel(bundle_dir, config)
     # uvicorn re-raises Ctrl+C after its graceful shutdown; for a server that is the normal way to stop (exit 0)
     with contextlib.suppress(KeyboardInterrupt):
         uvicorn.Server(_uvicorn_config(create_app(model, token, deadlines), host, port, log_level, deadlines)).run()

@@ -42,7 +42,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, digits_lists: dict
     req = TrainRequest(backbone=TINY_BACKBONE, weights=str(tiny_weights), img_size=TINY_IMG,
                        train=str(digits_lists["train"]), val=str(digits_lists["val"]),
                        test=str(digits_lists["test"]), out=out, k=2,
-                       params=TrainParams(epochs=15, lr=1e-2, seed=0), progress=False)
+                       params=TrainParams(epochs=15, min_steps=0, lr=1e-2, seed=0), progress=False, refit=False)
     report = run_training(req, log=lambda _m: None)
     report["out"] = out
     return report

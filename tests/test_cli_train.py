@@ -102,6 +102,10 @@ def test_train_json_report(base_args: list, digits_lists, tmp_path: Path) -> Non
     assert 0.0 <= report["val_top1"] <= 1.0 and 0.0 <= report["test_top1"] <= 1.0
     assert report["trainable_params"] > 0 and report["train_seconds"] > 0 and report["cache_seconds"] == 0.0
     assert (Path(report["checkpoint"]) / "config.json").is_file()
+    training = json.loads((Path(report["checkpoint"]) / "config.json").read_text())["training"]
+    # an explicit --epochs is taken literally (no min-steps floor); --val turns the refit on by default
+    assert training["epochs"] == 4 and training["min_steps"] == 0 and training["refit"] is True
+    assert report["refit"] is True
 
 
 def test_evaluate_json_reproduces_training_test_top1(tiny_checkpoint: dict, digits_lists) -> None:

@@ -33,8 +33,8 @@ def two_tensor_run(tiny_checkpoint: dict, digits_lists: dict, tiny_weights: Path
     out = tmp_path_factory.mktemp("two_tensor")
     req = TrainRequest(backbone="test_vit", weights=str(tiny_weights), img_size=32, train=str(digits_lists["train"]),
                        val=str(digits_lists["val"]), test=str(digits_lists["test"]), out=out, method=NAME,
-                       params=TrainParams(epochs=6, lr=1e-2, seed=0), progress=False,
-                       cache_dir=Path(tiny_checkpoint["out"]) / "cache")
+                       params=TrainParams(epochs=6, min_steps=0, lr=1e-2, seed=0), progress=False,
+                       cache_dir=Path(tiny_checkpoint["out"]) / "cache", refit=False)
     report = run_training(req, log=lambda _m: None, codec={"name": "int8-channel"})
     export = export_bundle(report["checkpoint"], out / "bundle", log=lambda _m: None)
     assert export.ok, export.problems
@@ -117,8 +117,8 @@ def test_devices_check_uses_the_methods_own_macs_on_a_pooled_codec(tiny_checkpoi
 
     req = TrainRequest(backbone="test_vit", weights=str(tiny_weights), img_size=32, train=str(digits_lists["train"]),
                        val=str(digits_lists["val"]), out=tmp_path / "p", k=2,
-                       params=TrainParams(epochs=1, lr=1e-2, seed=0), progress=False,
-                       cache_dir=Path(tiny_checkpoint["out"]) / "cache")
+                       params=TrainParams(epochs=1, min_steps=0, lr=1e-2, seed=0), progress=False,
+                       cache_dir=Path(tiny_checkpoint["out"]) / "cache", refit=False)
     report = run_training(req, log=lambda _m: None, codec={"name": "pool2-int4"})
     assert export_bundle(report["checkpoint"], tmp_path / "b", quantize=Precision.NONE, log=lambda _m: None).ok
     res = runner.invoke(app, ["devices", "check", str(tmp_path / "b"), "--device", "rpi4", "--json"])
@@ -176,7 +176,8 @@ def test_one_backbone_pass_serves_every_candidate_of_two_methods(tiny_checkpoint
     real = featurize.run_backbone
     monkeypatch.setattr(featurize, "run_backbone", lambda m, p, *a: (passes.append(len(p)), real(m, p, *a))[1])
     base = {"backbone": "test_vit", "weights": str(tiny_weights), "img_size": 32, "train": str(digits_lists["train"]),
-            "val": str(digits_lists["val"]), "params": TrainParams(epochs=1, lr=1e-2), "progress": False,
+            "val": str(digits_lists["val"]), "params": TrainParams(epochs=1, min_steps=0, lr=1e-2), "progress": False,
+            "refit": False,
             "cache_dir": tmp_path / "cache"}
     run_training(TrainRequest(**base, out=tmp_path / "a", method=NAME), log=lambda _m: None)
     first = sum(passes)

@@ -31,8 +31,8 @@ def codec_checkpoint(tiny_checkpoint: dict, digits_lists: dict, tiny_weights: Pa
     out = tmp_path_factory.mktemp("codec_run")
     req = TrainRequest(backbone="test_vit", weights=str(tiny_weights), img_size=32, train=str(digits_lists["train"]),
                        val=str(digits_lists["val"]), test=str(digits_lists["test"]), out=out, k=2,
-                       params=TrainParams(epochs=4, lr=1e-2, seed=0), progress=False,
-                       cache_dir=Path(tiny_checkpoint["out"]) / "cache")
+                       params=TrainParams(epochs=4, min_steps=0, lr=1e-2, seed=0), progress=False,
+                       cache_dir=Path(tiny_checkpoint["out"]) / "cache", refit=False)
     report = run_training(req, log=lambda _m: None, codec={"name": "pool2-int4"})
     report["out"] = out
     return report
@@ -62,8 +62,8 @@ def test_train_with_cls_codec_trains_on_the_cls_token_alone(tiny_checkpoint: dic
 
     req = TrainRequest(backbone="test_vit", weights=str(tiny_weights), img_size=32, train=str(digits_lists["train"]),
                        val=str(digits_lists["val"]), out=tmp_path / "cls", k=2,
-                       params=TrainParams(epochs=2, lr=1e-2, seed=0), progress=False,
-                       cache_dir=Path(tiny_checkpoint["out"]) / "cache")
+                       params=TrainParams(epochs=2, min_steps=0, lr=1e-2, seed=0), progress=False,
+                       cache_dir=Path(tiny_checkpoint["out"]) / "cache", refit=False)
     report = run_training(req, log=lambda _m: None, codec={"name": "cls-int8"})
     config, model = load_checkpoint(report["checkpoint"])
     codec = config.codecs["gather"]

@@ -99,7 +99,7 @@ def test_bf16_trained_checkpoint_exports_from_its_own_caches(digits_lists: dict,
 
     req = TrainRequest(backbone="test_vit", weights=str(tiny_weights), img_size=32, train=str(digits_lists["train"]),
                        val=str(digits_lists["val"]), out=tmp_path / "bf16", k=2, backbone_precision="bf16",
-                       params=TrainParams(epochs=1, lr=1e-2, seed=0), progress=False)
+                       params=TrainParams(epochs=1, min_steps=0, lr=1e-2, seed=0), progress=False, refit=False)
     report = run_training(req, log=lambda _m: None)
     logs: list[str] = []
     exported = export_bundle(report["checkpoint"], tmp_path / "bundle", log=logs.append)

@@ -154,8 +154,8 @@ def losa_run(digits_lists: dict, tiny_weights: Path, tmp_path_factory) -> dict:
     req = TrainRequest(backbone="test_vit", weights=str(tiny_weights), img_size=32, train=str(digits_lists["train"]),
                        val=str(digits_lists["val"]), test=str(digits_lists["test"]), out=out, method="losa",
                        method_params={"blocks": "every2", "token_rank": 16, "channel_rank": 32},
-                       params=TrainParams(epochs=2, lr=1e-2, seed=0),
-                       progress=False, cache_dir=out / "cache")
+                       params=TrainParams(epochs=2, min_steps=0, lr=1e-2, seed=0),
+                       progress=False, cache_dir=out / "cache", refit=False)
     report = run_training(req, log=lambda _m: None, codec={"name": "int8-channel"})
     export = export_bundle(report["checkpoint"], out / "bundle", log=lambda _m: None)
     assert export.ok, export.problems

@@ -182,8 +182,8 @@ def vitsplit_run(tiny_checkpoint: dict, digits_lists: dict, tiny_weights: Path, 
     out = tmp_path_factory.mktemp("vitsplit")
     req = TrainRequest(backbone="test_vit", weights=str(tiny_weights), img_size=32, train=str(digits_lists["train"]),
                        val=str(digits_lists["val"]), test=str(digits_lists["test"]), out=out, method="vitsplit",
-                       params=TrainParams(epochs=2, lr=1e-2, seed=0), progress=False,
-                       cache_dir=Path(tiny_checkpoint["out"]) / "cache")
+                       params=TrainParams(epochs=2, min_steps=0, lr=1e-2, seed=0), progress=False,
+                       cache_dir=Path(tiny_checkpoint["out"]) / "cache", refit=False)
     report = run_training(req, log=lambda _m: None, codec={"name": "int8-channel"})
     export = export_bundle(report["checkpoint"], out / "bundle", log=lambda _m: None)
     assert export.ok, export.problems

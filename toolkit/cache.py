@@ -8,10 +8,13 @@ split's cache directory (plain .npy files anyone can `np.load(mmap_mode="r")`):
     gather-4.npy     float16 [N, T, D] per source ("gather:4" -> gather-4.npy, "final_cls" -> final_cls.npy [N, 1, D])
     labels.npy       int64 [N]
     status.npy       uint8 [N]: 0 = not computed yet, 1 = done, 2 = unreadable image skipped (--skip-bad)
+    checksums.json   a CRC-32 per chunk of rows of every array, checked on open (toolkit/cache_integrity.py)
 A cache under construction lives in `<dir>.partial/` and is renamed into place when complete, so an interrupted
 run resumes where it stopped and a complete cache is never half-written. A cache whose binding differs from what
 is asked for is stale: it is reported and rebuilt, never reused; one that lacks a source is rebuilt holding the
-union of what it had and what is asked, in one pass. Torch-free (reading needs numpy only).
+union of what it had and what is asked, in one pass. A cache whose bytes disagree with its checksums (flipped
+bytes, NaN runs, shuffled labels) is corrupt and rebuilt; one written before checksums existed gets them recorded
+on its first open, after a NaN/Inf scan (trust on first use). Torch-free (reading needs numpy only).
 """
 
 from __future__ import annotations
@@ -19,18 +22,25 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mist_kit import cache_integrity as integrity
 from mist_kit.atomic import write_json
-from mist_kit.errors import InputError
+from mist_kit.errors import DataError, InputError
 
 CACHE_SCHEMA = "mist-kit/feature-cache/2"
 PENDING, DONE, SKIPPED = 0, 1, 2
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def binding_key(binding: dict[str, Any]) -> str:
@@ -58,8 +68,8 @@ def _check_array(path: Path, shape: tuple[int, ...], dtype: Any) -> str | None:
                 np.lib.format.read_array_header_2_0
             got_shape, _fortran, got_dtype = read_header(fh)
             offset = fh.tell()
-    except (OSError, ValueError) as exc:
-        return f"{path.name}: unreadable ({str(exc)[:80]})"
+    except Exception as exc:  # numpy's header parser raises ValueError, SyntaxError, TokenError...
+        return f"{path.name}: unreadable header ({type(exc).__name__})"
     if tuple(got_shape) != tuple(shape) or np.dtype(got_dtype) != np.dtype(dtype):
         return f"{path.name}: {np.dtype(got_dtype)} {list(got_shape)}, expected {np.dtype(dtype)} {list(shape)}"
     need = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -74,6 +84,8 @@ class CachedSplit:
 
     path: Path
     meta: dict[str, Any]
+    checksums: dict[str, Any] | None = None  # the checksum table once read; sources checked against it so far
+    checked: set[str] = field(default_factory=set)
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -98,6 +110,10 @@ class CachedSplit:
         """The float16 [N, T, D] memory map of one source."""
         if source not in self.sources:
             raise InputError(f"{self.path}: no cached tensor {source}; cached: {', '.join(self.sources)}")
+        if self.checksums is not None and source not in self.checked:  # opened for other sources: check it now
+            why = self.verify_sums([source])
+            if why:
+                raise DataError(f"{self.path}: corrupt ({why}); rerun to rebuild it")
         return self._array(source_file(source))
 
     def labels(self) -> np.ndarray:
@@ -113,8 +129,57 @@ class CachedSplit:
         arrays = {name: self.array(src) for name, src in tensors.items()}
         return InputRows([(arrays, self.valid() if rows is None else np.asarray(rows))])
 
-    def verify(self) -> str | None:
-        """Why this cache cannot be used (truncated or reshaped arrays, bad status/labels), or None."""
+    def verify(self, sources: Iterable[str] | None = None) -> str | None:
+        """Why this cache cannot be used, or None: its structure (truncated or reshaped arrays, bad status or
+        labels), then the checksums of labels, status and `sources` (default: all). A cache without checksums
+        passes on structure alone (see `open_complete` for recording them)."""
+        why = self.verify_structure()
+        if why is None:
+            table, why = integrity.read(self.path)
+            if table is not None:
+                self.checksums = table
+            elif why is None and self.meta.get("checksums"):
+                why = f"{integrity.CHECKSUM_FILE}: missing (meta.json says the cache has one)"
+        if why is None and self.checksums is not None:
+            why = self.verify_sums(self.sources if sources is None else sources, with_rows=True)
+        return why
+
+    def verify_sums(self, sources: Iterable[str], with_rows: bool = False) -> str | None:
+        """Check `sources` (and labels + status if `with_rows`) against the checksum table already read."""
+        assert self.checksums is not None
+        names = [source_file(s) for s in sources] + (["labels.npy", "status.npy"] if with_rows else [])
+        why = integrity.verify(self.checksums, self.meta, {name: np.load(self.path / name, mmap_mode="r")
+                                                           for name in names})
+        if why is None:
+            self.checked.update(sources)
+        return why
+
+    def record_legacy(self, log: Log) -> str | None:
+        """Trust on first use, for a cache written before checksums existed: scan it for NaN/Inf (returning where,
+        naming file and chunk), then record its checksums, saying so. checksums.json is written before the
+        meta.json marker, so a crash between the two leaves a cache that still opens. A cache that cannot be
+        written to (a read-only copy) is used on its scan alone."""
+        arrays = {source_file(s): self._array(source_file(s)) for s in self.sources}
+        why = integrity.first_non_finite(arrays.items())
+        if why:
+            return why
+        arrays.update({name: self._array(name) for name in ("labels.npy", "status.npy")})
+        try:
+            integrity.record(self.path, self.meta, arrays)
+            write_json(self.path / "meta.json", {**self.meta, "checksums": integrity.CHECKSUM_FILE})
+        except OSError as exc:
+            log(f"cache {self.path}: has no checksums and they cannot be recorded ({exc.strerror or exc}); using "
+                "it as is (no NaN/Inf found)")
+            return None
+        self.meta = {**self.meta, "checksums": integrity.CHECKSUM_FILE}
+        self.checksums, _ = integrity.read(self.path)
+        self.checked = set(self.sources)
+        log(f"cache {self.path}: written without checksums (older mist-kit); no NaN/Inf found, recorded them in "
+            f"{integrity.CHECKSUM_FILE} (trusted on first use)")
+        return None
+
+    def verify_structure(self) -> str | None:
+        """Why the arrays' headers, lengths, status or labels make this cache unusable, or None."""
         n = self.n
         for src in self.sources:
             why = _check_array(self.path / source_file(src), (n, *self.meta["shapes"][src]), np.float16)
@@ -197,9 +262,11 @@ class InputRows:
         return out
 
 
-def open_complete(path: Path, binding: dict[str, Any],
-                  sources: Iterable[str]) -> tuple[CachedSplit | None, str | None]:
-    """The cache at `path` if complete, bound to `binding` and holding `sources`; else (None, why not)."""
+def open_complete(path: Path, binding: dict[str, Any], sources: Iterable[str],
+                  log: Log = _stderr) -> tuple[CachedSplit | None, str | None]:
+    """The cache at `path` if complete, bound to `binding`, holding `sources` and matching its checksums (those of
+    `sources`, labels and status: all are read once, at open, where a rebuild is still possible); else (None, why
+    not). A cache without checksums (written before they existed) has them recorded now, with a `log` line."""
     meta_file = path / "meta.json"
     if not meta_file.is_file():
         return None, None
@@ -211,14 +278,37 @@ def open_complete(path: Path, binding: dict[str, Any],
         return None, "stale (older cache format)"
     if meta.get("key") != binding_key(binding):
         return None, f"stale ({describe_difference(meta.get('binding', {}), binding)} changed)"
+    why = _meta_problem(meta)
+    if why:
+        return None, f"corrupt (meta.json: {why})"
+    sources = sorted(set(sources))
     missing = sorted(set(sources) - set(meta.get("sources", [])))
     if missing:
         return None, f"missing tensors {', '.join(missing)}"
     split = CachedSplit(path, meta)
-    why = split.verify()
+    why = split.verify(sources)
+    if why is None and split.checksums is None:
+        why = split.record_legacy(log)
     if why:
         return None, f"corrupt ({why})"
     return split, None
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """What in meta.json (beyond the binding, which its key covers) is malformed, or None."""
+    sources, shapes, classes = meta.get("sources"), meta.get("shapes"), meta.get("classes")
+    if not isinstance(sources, list) or not all(isinstance(s, str) and s for s in sources):
+        return "'sources' is not a list of tensor names"
+    if not isinstance(shapes, dict) or set(shapes) != set(sources) or not all(
+            isinstance(v, list) and v and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in v)
+            for v in shapes.values()):
+        return "'shapes' does not give positive dimensions for each source"
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        return "'classes' is not a list of names"
+    n = meta["binding"].get("n") if isinstance(meta.get("binding"), dict) else None
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        return "'binding.n' is not a row count"
+    return None
 
 
 def cached_sources(path: Path, binding: dict[str, Any]) -> set[str]:
@@ -273,11 +363,16 @@ class CacheWriter:
     def write(self, rows: np.ndarray, tensors: Mapping[str, np.ndarray]) -> None:
         """Store a batch; data is flushed before the rows are marked done, so a crash never marks garbage done."""
         for src, arr in tensors.items():
-            if not np.isfinite(arr).all():
-                bad = rows[~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)]
-                raise InputError(f"the backbone produced non-finite features for rows {bad[:5].tolist()} "
-                                 "(broken weights?)")
-            self.arrays[src][rows] = arr.astype(np.float16)
+            with np.errstate(over="ignore"):  # checked after the cast: |x| > 65504 becomes Inf
+                half = np.asarray(arr).astype(np.float16)
+            finite = np.isfinite(half.reshape(len(half), -1)).all(axis=1)
+            if not finite.all():
+                bad = rows[~finite][:5].tolist()
+                if np.isfinite(arr).all():
+                    raise InputError(f"the backbone produced features beyond the float16 range (|x| > 65504) for "
+                                     f"rows {bad} of {src}; they cannot be cached")
+                raise InputError(f"the backbone produced non-finite features for rows {bad} (broken weights?)")
+            self.arrays[src][rows] = half
             self.arrays[src].flush()
         self.status[rows] = DONE
         self.status.flush()
@@ -287,12 +382,22 @@ class CacheWriter:
         self.status.flush()
 
     def publish(self) -> CachedSplit:
-        """Atomically move the complete cache into place, replacing a stale one."""
-        del self.arrays, self.status  # close the memory maps before renaming
+        """Record the checksums, then atomically move the complete cache into place, replacing a stale one. (The
+        checksums are taken from the finished arrays, whose pages the writes just cached: one pass at memory speed,
+        and right for rows written by an earlier, interrupted run too.)"""
+        arrays = {source_file(s): a for s, a in self.arrays.items()}
+        arrays.update({"labels.npy": np.load(self.path / "labels.npy", mmap_mode="r"), "status.npy": self.status})
+        integrity.record(self.path, self.meta, arrays)
+        self.meta = {**self.meta, "checksums": integrity.CHECKSUM_FILE}
+        write_json(self.path / "meta.json", self.meta)
+        del self.arrays, self.status, arrays  # close the memory maps before renaming
         if self.final_path.exists():
             shutil.rmtree(self.final_path)
         self.path.rename(self.final_path)
-        return CachedSplit(self.final_path, self.meta)
+        split = CachedSplit(self.final_path, self.meta)
+        split.checksums, _ = integrity.read(self.final_path)
+        split.checked = set(split.sources)
+        return split
 
 
 def split_cache_dir(cache_root: Path, source: str, precision: str = "fp32") -> Path:

@@ -233,6 +233,8 @@ def _verdict(row: dict[str, Any], profile: Any, req: CompareRequest) -> tuple[bo
 
 def _reproduce(req: CompareRequest, row: dict[str, Any]) -> list[str]:
     """The `train` / `export` commands that rebuild a row's model and bundle."""
+    from mist_kit.train import TrainParams
+
     weights = f" --weights {req.weights}" if req.weights else ""
     size = f" --img-size {req.img_size}" if req.img_size else ""
     k = "" if row["k"] is None else f" --k {row['k']}"
@@ -243,8 +245,8 @@ def _reproduce(req: CompareRequest, row: dict[str, Any]) -> list[str]:
     if req.train_precision != "fp32":
         test += f" --train-precision {req.train_precision}"
     return [f"mist-kit train --backbone {req.backbone}{weights}{size} --train {req.train} --val {req.val}{test} "
-            f"--method {row['method']}{k} --codec {row['codec']} --epochs {req.epochs} --seed {req.seed} "
-            f"--out {out}",
+            f"--method {row['method']}{k} --codec {row['codec']} --epochs {req.epochs} --min-steps "
+            f"{TrainParams().min_steps} --no-refit --seed {req.seed} --out {out}",
             f"mist-kit export {out} --out bundles/{row['method']}-{row['codec']} --split --quantize int8"]
 
 
@@ -286,7 +288,8 @@ def run_compare(req: CompareRequest, log: Log = print) -> CompareResult:
     base = TrainRequest(backbone=req.backbone, weights=req.weights, img_size=req.img_size, train=req.train,
                         val=req.val, test=req.test, out=out / "runs" / "_", cache_dir=cache_dir,
                         params=TrainParams(epochs=req.epochs, seed=req.seed, precision=req.train_precision),
-                        progress=req.progress, backbone_precision=req.backbone_precision)
+                        progress=req.progress, backbone_precision=req.backbone_precision,
+                        refit=False)  # each row's export gates int8 on val: it must stay held out
     _fill_cache(base, req.methods, log)
     notes = [f"host timings: the edge graph ran here ({_host()}) with {profile.name}'s threads capped at this "
              "host's cores; they rank the rows, they are not the device's milliseconds"]
@@ -373,7 +376,8 @@ def _fill_cache(base: Any, methods: Sequence[str], log: Log) -> None:
     plans = []
     for m in methods:
         cls = get_edge_method(m)
-        plans += [cls.cloud_plan(spec.shape, d, {}) for d in cls.depth_candidates(spec.shape, {})]
+        params = dict(cls.train_defaults)
+        plans += [cls.cloud_plan(spec.shape, d, params) for d in cls.depth_candidates(spec.shape, params)]
     sources = union_sources(plans)
     log(f"feature cache: {len(sources)} tensors for {len(methods)} methods ({', '.join(sorted(map(str, sources)))})")
     for src in (base.train, base.val, base.test):
@@ -387,13 +391,15 @@ def _one_row(req: CompareRequest, base: Any, profile: Any, method: str, codec: s
     """Train, export and measure one (method, codec) pair at depth `k` (None: search it on val)."""
     from mist_kit.calibration.features import find_cached_split
     from mist_kit.checkpoint import load_checkpoint
+    from mist_kit.edge import get_edge_method
     from mist_kit.exporters.export import export_bundle
     from mist_kit.pipeline import run_training
     from mist_kit.runtime.codec.plan_codecs import encode_all, plan_codecs
     from mist_kit.runtime.manifest import open_bundle
 
     name = f"{method}-{codec}"
-    train_req = replace(base, method=method, k=k, out=out / "runs" / name)
+    train_req = replace(base, method=method, k=k, out=out / "runs" / name,
+                        method_params=dict(get_edge_method(method).train_defaults))  # = `train` as typed
     report = run_training(train_req, log=lambda _m: None, codec={"name": codec})
     config, model = load_checkpoint(report["checkpoint"])
     bundle = out / "bundles" / name

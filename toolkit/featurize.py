@@ -18,6 +18,7 @@ from torch import nn
 
 from mist_kit.backbone_run import run_backbone
 from mist_kit.cache import DONE, CachedSplit, CacheWriter, cached_sources, open_complete, split_cache_dir
+from mist_kit.cloud_engines import Runner, backbone_runner, cache_tag
 from mist_kit.config import BackboneSpec
 from mist_kit.data import ImageList, load_pixels
 from mist_kit.errors import DataError
@@ -63,24 +64,26 @@ def _load_batch(images: ImageList, rows: np.ndarray, spec: BackboneSpec, skip_ba
 def cache_features(model: nn.Module | Callable[[], nn.Module], spec: BackboneSpec, images: ImageList,
                    cache_root: Path, sources: Iterable[TensorSource], *, batch_size: int = 32,
                    skip_bad: bool = False, progress: bool = True, log: Log = print,
-                   precision: str = "fp32") -> tuple[CachedSplit, float, int]:
+                   precision: str = "fp32", engine: str = "torch") -> tuple[CachedSplit, float, int]:
     """Return (cache, seconds spent computing, images skipped) for `images`, computing only what is missing.
 
     `sources` are the tensors every plan being served needs (their union); a cache that lacks some is rebuilt with
     what it held plus them, in one backbone pass. `model` may be a zero-argument callable that builds the backbone,
     so a cache hit never loads it. `precision` is the backbone's compute precision (see `run_backbone`); caches
     of different precisions live side by side (a bf16 cache never serves an fp32 request, nor the reverse).
+    `engine` runs the backbone: torch, or openvino (mist_kit.cloud_engines; its caches are kept apart too).
     """
-    binding = cache_binding(spec, images, precision)
-    path = split_cache_dir(Path(cache_root), images.source, precision)
+    tag = cache_tag(engine, precision)
+    binding = cache_binding(spec, images, tag)
+    path = split_cache_dir(Path(cache_root), images.source, tag)
     want = sorted({str(s) for s in sources})
-    cached, reason = open_complete(path, binding, want)
+    cached, reason = open_complete(path, binding, want, log)
     if cached is not None:
         skipped = int(len(images) - len(cached.valid()))
         log(f"cache hit: {path} ({len(images)} images)")
         return cached, 0.0, skipped
     with build_lock(path, log):
-        cached, reason = open_complete(path, binding, want)  # another process may have finished it meanwhile
+        cached, reason = open_complete(path, binding, want, log)  # another process may have finished it meanwhile
         if cached is not None:
             log(f"cache hit: {path} (built by another process)")
             return cached, 0.0, int(len(images) - len(cached.valid()))
@@ -89,8 +92,10 @@ def cache_features(model: nn.Module | Callable[[], nn.Module], spec: BackboneSpe
         if reason:
             log(f"cache {path}: {reason}; rebuilding" + (f" with {', '.join(everything)}" if held else ""))
         backbone = model if isinstance(model, nn.Module) else model()
-        return _build(backbone, spec, images, path, binding, [TensorSource.parse(s) for s in everything],
-                      batch_size, skip_bad, progress, log, precision)
+        parsed = [TensorSource.parse(s) for s in everything]
+        run: Runner = (lambda px: run_backbone(backbone, px, parsed, precision)) if engine == "torch" else \
+            backbone_runner(backbone, parsed, precision, engine, spec.img_size)
+        return _build(run, spec, images, path, binding, parsed, batch_size, skip_bad, progress, log)
 
 
 @contextlib.contextmanager
@@ -116,9 +121,9 @@ def build_lock(path: Path, log: Log) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _build(model: nn.Module, spec: BackboneSpec, images: ImageList, path: Path, binding: dict,
+def _build(run: Runner, spec: BackboneSpec, images: ImageList, path: Path, binding: dict,
            sources: list[TensorSource], batch_size: int, skip_bad: bool, progress: bool, log: Log,
-           precision: str) -> tuple[CachedSplit, float, int]:
+           ) -> tuple[CachedSplit, float, int]:
     """Fill (or resume) the cache at `path`; the caller holds its build lock."""
     shapes = {str(s): s.shape(spec.shape) for s in sources}
     writer = CacheWriter(path, binding, images.classes, np.asarray(images.labels), shapes)
@@ -138,7 +143,7 @@ def _build(model: nn.Module, spec: BackboneSpec, images: ImageList, path: Path, 
                 log(f"skipping unreadable image {images.paths[r]}")
                 writer.skip(r)
             if ok_rows:
-                out = run_backbone(model, torch.from_numpy(np.stack(pixels)), sources, precision)
+                out = run(torch.from_numpy(np.stack(pixels)))
                 writer.write(np.asarray(ok_rows), {k: v.numpy() for k, v in out.items()})
             bar.advance(len(batches[i]))
     seconds = time.perf_counter() - start

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ from mist_kit import __version__
 from mist_kit.backbone import load_backbone, load_backbone_for
 from mist_kit.cache import CachedSplit, InputRows
 from mist_kit.checkpoint import load_checkpoint, new_method, save_checkpoint
+from mist_kit.cloud_engines import check_engine, train_engine_parity
 from mist_kit.config import CheckpointConfig, MethodSpec
 from mist_kit.data import load_image_list
 from mist_kit.edge import EdgeMethod, get_edge_method
@@ -53,13 +54,15 @@ class TrainRequest:
     ks: tuple[int, ...] | None = None  # candidate depths; default: the method's own (MIST: N/3, 2N/3, N)
     method_params: dict[str, Any] = field(default_factory=dict)
     params: TrainParams = field(default_factory=TrainParams)
-    refit: bool = False
+    refit: bool | None = None  # None: refit on train + val whenever val is given (the VTAB protocol); see run_training
     cache_dir: Path | None = None
     skip_bad: bool = False
     backbone_batch: int = 32
     backbone_precision: str = "fp32"  # "bf16": faster caching on AMX CPUs, ~0.3% feature error (see run_backbone)
+    backbone_engine: str = "torch"  # "openvino": the cache filled by OpenVINO (mist_kit.cloud_engines)
     train_threads: int = 1  # torch threads while training edge networks (see _with_threads)
     progress: bool = True
+    seeds: tuple[int, ...] | None = None  # several: one model per seed (OUT/seed-N), mean and sd (run_seeds)
 
     def __post_init__(self) -> None:
         if self.weights is not None and self.pretrained:
@@ -70,8 +73,13 @@ class TrainRequest:
                              "with --k INT")
         if self.refit and self.val is None:
             raise UsageError("--refit retrains on train + val: it needs --val DATA")
+        if self.refit is None:  # frozen: resolve the default once, so reports and checkpoints record a bool
+            object.__setattr__(self, "refit", self.val is not None)
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise UsageError(f"--seeds must list distinct integers, got {list(self.seeds)}")
         if self.backbone_precision not in ("fp32", "bf16"):
             raise UsageError(f"--backbone-precision must be fp32 or bf16, got {self.backbone_precision!r}")
+        check_engine(self.backbone_engine, self.backbone_precision)
 
 
 def _labels(split: CachedSplit) -> np.ndarray:
@@ -135,6 +143,59 @@ def _calibrated_codecs(codec: dict[str, Any] | None, tx: dict[Any, InputRows], p
     return fitted
 
 
+def run_seeds(req: TrainRequest, log: Log = print, codec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One full training (search, refit, test) per seed in `req.seeds`, each in OUT/seed-N, on one shared cache.
+
+    The report is the chosen seed's own, plus `seeds`: mean and sample sd of val and test top-1 over the seeds (test
+    is scored once per seed, by its own run) and every seed's numbers. The chosen seed is the one with the best val
+    top-1 (ties: lower val loss, then the first listed), never test; its checkpoint is copied to OUT/checkpoint so
+    `evaluate OUT` and `export OUT` use it.
+    """
+    import shutil
+
+    from mist_kit.atomic import atomic_dir
+
+    seeds = list(req.seeds or (req.params.seed,))
+    cache_dir = req.cache_dir or (req.out / "cache")  # one backbone pass serves every seed
+    reports: dict[int, dict[str, Any]] = {}
+    for i, seed in enumerate(seeds):
+        log(f"seed {seed} ({i + 1}/{len(seeds)}): training into {req.out / f'seed-{seed}'}")
+        one = replace(req, out=req.out / f"seed-{seed}", cache_dir=cache_dir, seeds=None,
+                      params=replace(req.params, seed=seed))
+        reports[seed] = run_training(one, log, codec)
+    chosen = choose_seed(reports)
+    with atomic_dir(req.out / "checkpoint") as tmp:
+        shutil.copytree(reports[chosen]["checkpoint"], tmp, dirs_exist_ok=True)
+
+    def spread(key: str) -> dict[str, float] | None:
+        vals = [r[key] for r in reports.values() if r.get(key) is not None]
+        if not vals:
+            return None
+        return {"mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                "n": len(vals)}
+
+    summary = {"seeds": seeds, "chosen_seed": chosen, "chosen_by": "val_top1, then val_loss",
+               "val_top1": spread("val_top1"), "test_top1": spread("test_top1"),
+               "train_seconds": round(sum(r["train_seconds"] for r in reports.values()), 3),
+               "per_seed": [{"seed": sd, **{key: reports[sd].get(key) for key in
+                                            ("k", "val_top1", "val_loss", "test_top1", "train_seconds", "checkpoint")}}
+                            for sd in seeds]}
+    log(f"seeds {seeds}: val top-1 {_pm(summary['val_top1'])}" + (f", test top-1 {_pm(summary['test_top1'])}"
+        if summary["test_top1"] else "") + f"; top-level checkpoint = seed {chosen} (best val)")
+    return {**reports[chosen], "checkpoint": str(req.out / "checkpoint"), "seeds": summary}
+
+
+def choose_seed(reports: dict[int, dict[str, Any]]) -> int:
+    """The seed whose run has the best val top-1 (ties: lower val loss, then the first listed); test never looks."""
+    order = list(reports)
+    return min(order, key=lambda sd: (-(reports[sd]["val_top1"] or 0.0), reports[sd].get("val_loss") or 0.0,
+                                      order.index(sd)))
+
+
+def _pm(stat: dict[str, float] | None) -> str:
+    return "-" if stat is None else f"{100 * stat['mean']:.2f} +- {100 * stat['sd']:.2f}"
+
+
 def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | None = None) -> dict[str, Any]:
     """Cache features, choose the depth on val (or use the given one), train the final model, save it, report.
 
@@ -142,6 +203,8 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
     `codec` ({"name": ...}) is applied to every tensor the method's plan sends, calibrated per tensor; the edge
     network trains on its encode->decode round trip, as the device will receive it.
     """
+    if req.seeds is not None:
+        return run_seeds(req, log, codec)
     t_start = time.perf_counter()
     cls = get_edge_method(req.method)
     model_bb, spec = load_backbone(req.backbone, img_size=req.img_size, weights=req.weights,
@@ -161,10 +224,16 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
             raise DataError(f"{images.source}: has {len(images.classes)} classes, train has {len(classes)}")
         split, secs, skip = cache_features(model_bb, spec, images, cache_root, sources,
                                            batch_size=req.backbone_batch, skip_bad=req.skip_bad,
-                                           progress=req.progress, log=log, precision=req.backbone_precision)
+                                           progress=req.progress, log=log, precision=req.backbone_precision,
+                                           engine=req.backbone_engine)
         splits[name], cache_seconds, skipped = split, cache_seconds + secs, skipped + skip
     y_train = _labels(splits["train"])
     y_val = _labels(splits["val"]) if "val" in splits else None
+    scaled = req.params.for_rows(len(y_train))
+    if scaled.epochs != req.params.epochs and not cls.closed_form_head:
+        log(f"{len(y_train)} training images: at least {req.params.min_steps} optimiser steps, so epochs "
+            f"{req.params.epochs} -> {scaled.epochs}, patience {req.params.patience} -> {scaled.patience}, warmup "
+            f"{req.params.warmup_epochs} -> {scaled.warmup_epochs} (--min-steps 0 keeps them as given)")
     t_train = time.perf_counter()
     tx = {d: splits["train"].inputs(plan_tensors(p)) for d, p in plans.items()}
     vx = {d: splits["val"].inputs(plan_tensors(p)) for d, p in plans.items()} if "val" in splits else None
@@ -204,14 +273,15 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
         epochs = max(1, best.best_epoch)
         log(f"refit on train + val for {epochs} epochs ({cls.depth_name}={chosen})")
         final = build(chosen)
-        refit_params = TrainParams(**{**req.params.__dict__, "epochs": epochs})
+        # the search's schedule (min_steps applied for the train rows, warmup included), cut at the best epoch
+        refit_params = replace(req.params.for_rows(len(y_train)), epochs=epochs)
         _with_threads(req.train_threads, lambda: fit(final, tx[chosen] + vx[chosen],  # type: ignore[index]
                                                      np.concatenate([y_train, y_val]),  # type: ignore[list-item]
                                                      refit_params, transform=transforms[chosen]))
     return _report_and_save(req, spec, classes, final, chosen, plans[chosen], specs[chosen], transforms[chosen],
                             splits, lists, cache_seconds, skipped, t_start, t_train, codec, cache_root,
-                            {"val_top1": val_top1, "epochs_run": {str(d): r.epochs_run for d, r in results.items()},
-                             "k_search": search}, {})
+                            {"val_top1": val_top1, "val_loss": best.best_val_loss,
+                             "epochs_run": {str(d): r.epochs_run for d, r in results.items()}, "k_search": search}, {})
 
 
 def _report_and_save(req: TrainRequest, spec: Any, classes: tuple[str, ...], final: EdgeMethod, depth: int | None,
@@ -240,6 +310,9 @@ def _report_and_save(req: TrainRequest, spec: Any, classes: tuple[str, ...], fin
     if "test" in splits:
         x_test = splits["test"].inputs(plan_tensors(plan))
         report["test_top1"] = top1(predict_logits(final, x_test, transforms), _labels(splits["test"]))
+    if req.backbone_engine != "torch":  # what the faster engine cost: gather error and edge agreement vs torch fp32
+        report["backbone_engine"] = train_engine_parity(req, spec, final, plan, transforms,
+                                                        lists["val"] if "val" in lists else lists["train"])
     config = CheckpointConfig(
         backbone=spec,
         method=MethodSpec(name=req.method, k=depth, params=final.hparams()),
@@ -247,7 +320,8 @@ def _report_and_save(req: TrainRequest, spec: Any, classes: tuple[str, ...], fin
         codecs=codec_specs,
         training={**req.params.__dict__, "refit": req.refit, "train": str(Path(req.train).resolve()),
                   "val": str(Path(req.val).resolve()) if req.val else None, **fit_training,
-                  "cache_dir": str(Path(cache_root).resolve()), "backbone_precision": req.backbone_precision},
+                  "cache_dir": str(Path(cache_root).resolve()), "backbone_precision": req.backbone_precision,
+                  "backbone_engine": req.backbone_engine},
         metrics={k: report[k] for k in ("val_top1", "test_top1") if k in report},
         version=__version__,
     )
@@ -282,7 +356,8 @@ def _finish_probe(req: TrainRequest, spec: Any, classes: tuple[str, ...], plan: 
     probe = {"C": res.C, "val_top1_by_C": {f"{c:g}": v for c, v in res.val_top1_by_C.items()}}
     return _report_and_save(req, spec, classes, final, None, plan, codec_specs, transforms, splits, lists,
                             cache_seconds, skipped, t_start, t_train, codec, cache_root,
-                            {"val_top1": res.val_top1_by_C[res.C], "epochs_run": {}, "k_search": {}, "probe": probe},
+                            {"val_top1": res.val_top1_by_C[res.C], "val_loss": res.val_loss_by_C[res.C],
+                             "epochs_run": {}, "k_search": {}, "probe": probe},
                             {"probe_C": res.C})
 
 

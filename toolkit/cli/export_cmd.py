@@ -55,6 +55,9 @@ def export(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object")] = False,
     sign: Annotated[Path | None, typer.Option("--sign", help="Sign the bundle with this ed25519 private key "
                                               "(`mist-kit keygen`)")] = None,
+    triton_backend: Annotated[str, typer.Option(help="Backend named in deploy/triton config.pbtxt: onnxruntime, "
+                                                     "openvino or openvino-bf16 (same model.onnx)")]
+    = "onnxruntime",
     quiet: Quiet = False,
 ) -> None:
     """Export a checkpoint as a validated split bundle; exits 1 if validation fails (nothing written then)."""
@@ -70,7 +73,8 @@ def export(
     ops = tuple(x.strip() for x in op_types.split(",") if x.strip()) if op_types else None
     opts = ExportOptions(quantize=Precision(quantize.value), mode=mode, op_types=ops, min_agreement=min_agreement,
                          calib=calib, eval_data=eval_data, n_calib=n_calib, n_eval=n_eval, tflite=tflite, codec=codec,
-                         model_name=model_name, weights=str(weights) if weights else None, cache_dir=cache_dir)
+                         model_name=model_name, weights=str(weights) if weights else None, cache_dir=cache_dir,
+                         triton_backend=triton_backend)
     report = export_bundle(checkpoint, out, opts, log=logger(quiet))
     if sign is not None and report.ok:
         from mist_kit.runtime.signing import sign_bundle

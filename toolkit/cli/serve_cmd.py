@@ -27,12 +27,16 @@ def serve_cloud(
     max_queue: Annotated[int, typer.Option(min=1, help="Requests waiting beyond this get 503")] = 64,
     max_body_mb: Annotated[float, typer.Option(help="Request body limit in MiB (413 beyond)")] = 32.0,
     timeout_s: Annotated[float, typer.Option(help="Per-request time limit in seconds (504 beyond)")] = 30.0,
-    threads: Annotated[int, typer.Option(min=0, help="onnxruntime threads (0 = all cores)")] = 0,
+    threads: Annotated[int, typer.Option(min=0, help="Engine threads (0 = all cores)")] = 0,
     header_timeout_s: Annotated[float, typer.Option(help="Close connections that send no complete request "
                                                     "headers within this")] = 10.0,
     body_timeout_s: Annotated[float, typer.Option(help="Request body deadline in seconds (408 beyond)")] = 30.0,
     trust: Annotated[Path | None, typer.Option(help="Publisher's public key: refuse a bundle not signed with it")
                      ] = None,
+    engine: Annotated[str, typer.Option(help="Cloud engine: onnxruntime (reference) or openvino (faster on x86; "
+                                             "the openvino extra)")] = "onnxruntime",
+    precision: Annotated[str, typer.Option(help="Compute precision: fp32, or bf16 (openvino, CPUs with native "
+                                                "bf16 only)")] = "fp32",
 ) -> None:
     """Serve the bundle's cloud.onnx over the KServe v2 / Open Inference Protocol (binary tensor extension).
 
@@ -41,18 +45,21 @@ def serve_cloud(
     /v2/models/NAME/ready, /v2/models/NAME/infer.
     """
     from mist_kit.runtime.signing import verify_signature
-    from mist_kit.runtime.v2_model import ServeConfig
+    from mist_kit.runtime.v2_model import CloudModel, ServeConfig
     from mist_kit.runtime.v2_server import Deadlines, read_token, serve
 
     if trust is not None:
         verify_signature(bundle, trust)
     deadlines = Deadlines(header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s)
     config = ServeConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
-                         max_body_mb=max_body_mb, timeout_s=timeout_s, threads=threads)
+                         max_body_mb=max_body_mb, timeout_s=timeout_s, threads=threads,
+                         engine=engine, precision=precision)
     token = read_token(token_file) if token_file is not None else None
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:
         console.print(f"warning: serving on {host} without --token-file: anyone who can reach it can use it",
                       highlight=False, markup=False)
     console.print(f"serve-cloud: {bundle} on http://{host}:{port} (max batch {max_batch}, "
                   f"{'token required' if token else 'no token'})", highlight=False, markup=False)
-    serve(bundle, host=host, port=port, token=token, config=config, deadlines=deadlines)
+    model = CloudModel(bundle, config)
+    console.print(f"serve-cloud: {model.engine_line()}", highlight=False, markup=False)
+    serve(bundle, host=host, port=port, token=token, config=config, deadlines=deadlines, model=model)

@@ -21,6 +21,13 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
+class BackboneEngine(str, Enum):
+    """Engine running the backbone while caching features (a closed choice)."""
+
+    torch = "torch"
+    openvino = "openvino"
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("evaluate")(evaluate)
@@ -44,18 +51,36 @@ def train(
     ks: Annotated[str | None, typer.Option(help="Candidate ks for auto, e.g. 4,8,12 (default N/3,2N/3,N)")] = None,
     pool: Annotated[str, typer.Option(help="mist / vitsplit pooling: cls | mean")] = "cls",
     rank: Annotated[int, typer.Option(help="mist attention rank r")] = 16,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs")] = 30,
+    epochs: Annotated[int | None, typer.Option(
+        help="Maximum epochs [default: 20, lengthened to >= --min-steps optimiser steps on small data; an explicit "
+             "value is used as given unless --min-steps is also passed]")] = None,
+    min_steps: Annotated[int | None, typer.Option(
+        help="Train for at least this many optimiser steps: epochs, patience and warmup grow by one factor on small "
+             "data (0: off) [default: 500, or 0 with an explicit --epochs]")] = None,
     batch_size: Annotated[int, typer.Option(help="Training batch size")] = 32,
     lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 3e-3,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 1e-2,
-    patience: Annotated[int, typer.Option(help="Early stopping: epochs without val improvement")] = 8,
-    label_smoothing: Annotated[float, typer.Option(help="Cross-entropy label smoothing")] = 0.0,
-    prune_margin: Annotated[float | None, typer.Option(
-        help="k search: stop a candidate whose val top-1 trails the best by more than this (e.g. 0.1)")] = None,
-    prune_after: Annotated[int, typer.Option(help="k search: epochs before --prune-margin applies")] = 3,
-    dropout: Annotated[float, typer.Option(help="mist / vitsplit dropout on the pooled embedding")] = 0.0,
-    refit: Annotated[bool, typer.Option("--refit", help="Retrain the chosen k on train + val")] = False,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only)")] = 0.05,
+    patience: Annotated[int, typer.Option(
+        help="Early stopping: epochs without val improvement (ties in val top-1 go to the lower val loss)")] = 4,
+    label_smoothing: Annotated[float, typer.Option(help="Cross-entropy label smoothing")] = 0.1,
+    prune_margin: Annotated[float, typer.Option(
+        help="k search: stop a candidate whose val top-1 trails the best by more than this (1: never)")] = 0.1,
+    prune_after: Annotated[int, typer.Option(
+        help="k search: epochs before --prune-margin applies (scaled with --min-steps)")] = 3,
+    cls_token: Annotated[bool, typer.Option(
+        "--cls-token/--no-cls-token", help="mist: also send the backbone's final-norm cls token and concatenate it "
+        "to the LAE embedding before the head (our extension, not the paper's: D more values per image, 768 B fp16 "
+        "for ViT-S; chosen on val, BENCHMARKS.md)")] = True,  # = mist's train_defaults (a test holds them equal)
+    dropout: Annotated[float | None, typer.Option(
+        help="mist / vitsplit dropout on the pooled embedding [default: the method's: mist 0.1, vitsplit 0]")] = None,
+    refit: Annotated[bool | None, typer.Option(
+        "--refit/--no-refit", help="After choosing k and the epoch count on --val, retrain on train + val for that "
+                                   "many epochs [default: on whenever --val is given]")] = None,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    seeds: Annotated[str | None, typer.Option(
+        help="Several seeds, e.g. 0,1,2: one model each in OUT/seed-N, mean +- sd of val and test top-1; "
+             "OUT/checkpoint "
+             "is the best-val seed's (never chosen on test). Overrides --seed")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache root (default OUT/cache)")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (counted)")] = False,
     backbone_batch: Annotated[int, typer.Option(help="Images per backbone batch while caching")] = 32,
@@ -65,6 +90,9 @@ def train(
     train_precision: Annotated[Precision, typer.Option(
         help="Edge training precision: fp32, or bf16 autocast (AVX-512 BF16 / AMX CPUs; ~3x faster for vitsplit, "
              "no gain for mist)")] = Precision.fp32,
+    backbone_engine: Annotated[BackboneEngine, typer.Option(
+        help="Engine filling the cache: torch (reference) or openvino (faster on x86; its parity vs torch fp32 "
+             "is in the report)")] = BackboneEngine.torch,
     codec: Annotated[str, typer.Option(help="Feature codec the device will receive (see `mist-kit codec list`); "
                                             "calibrated on --train, the edge network is trained on its round "
                                             "trip")] = TRAIN_DEFAULT_CODEC,
@@ -89,21 +117,27 @@ def train(
     from mist_kit.train import TrainParams
 
     method_params: dict = {}
+    dropped = {} if dropout is None else {"dropout": dropout}  # None: the method's own default
     if get_edge_method(method).method_name == "mist":
-        method_params = {"rank": rank, "pool": pool, "dropout": dropout}
+        method_params = {"rank": rank, "pool": pool, "cls_token": cls_token, **dropped}
     elif get_edge_method(method).method_name in ("vitsplit", "vitsplit-lite"):
-        method_params = {"pool": pool, "dropout": dropout}
+        method_params = {"pool": pool, **dropped}
+    defaults = TrainParams()
+    if min_steps is None:  # an explicit --epochs means that many epochs, unless --min-steps says otherwise
+        min_steps = defaults.min_steps if epochs is None else 0
     req = TrainRequest(
         backbone=backbone, train=train, val=val, test=test, out=out,
         weights=str(weights) if weights else None, pretrained=pretrained, img_size=img_size,
         mean=parse_triple(mean, "--mean"), std=parse_triple(std, "--std"), method=method, k=k_value,
         ks=parse_ints(ks, "--ks"), method_params=method_params,
-        params=TrainParams(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        params=TrainParams(epochs=defaults.epochs if epochs is None else epochs, min_steps=min_steps,
+                           batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                            patience=patience, label_smoothing=label_smoothing, seed=seed,
                            prune_margin=prune_margin, prune_after=prune_after,
                            precision=train_precision.value),
         refit=refit, cache_dir=cache_dir, skip_bad=skip_bad, backbone_batch=backbone_batch,
-        backbone_precision=backbone_precision.value, progress=not quiet,
+        seeds=parse_ints(seeds, "--seeds"),
+        backbone_precision=backbone_precision.value, backbone_engine=backbone_engine.value, progress=not quiet,
     )
     report = run_training(req, log=logger(quiet), codec={"name": codec})
     if json_out:
@@ -117,6 +151,13 @@ def train(
         if key in report:
             value = report[key]
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) and "top1" in key else str(value))
+    if "seeds" in report:
+        summary = report["seeds"]
+        for key in ("val_top1", "test_top1"):
+            if summary[key]:
+                table.add_row(f"{key} over seeds {summary['seeds']}",
+                              f"{summary[key]['mean']:.4f} +- {summary[key]['sd']:.4f} (mean +- sd)")
+        table.add_row("checkpoint is seed", f"{summary['chosen_seed']} (best val)")
     console.print(table)
 
 

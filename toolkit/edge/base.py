@@ -33,6 +33,9 @@ class EdgeMethod(nn.Module):
     depth_name: ClassVar[str] = "k"  # what `depth` means for this method, in messages and reports
     needs_backbone_init: ClassVar[bool] = False  # True: `init_from_backbone` must run before training
     closed_form_head: ClassVar[bool] = False  # True: the trainer fits the head as a C-searched logistic regression
+    # What `train` and `compare` pass when the user says nothing: the recommended setting where it differs from the
+    # constructor's (which stays what older checkpoints were made with, so they load unchanged).
+    train_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, *, backbone: BackboneShape, depth: int | None, inputs: InputShapes, num_classes: int) -> None:
         super().__init__()
