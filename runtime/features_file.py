@@ -185,10 +185,10 @@ class FeaturesFile:
             for info in self.tensors:
                 count = max(stop - start, 0)
                 fh.seek(info.offset + start * info.row_bytes)
-                buf = fh.read(count * info.row_bytes)
-                if len(buf) != count * info.row_bytes:
+                arr = np.empty((count, *info.shape[1:]), dtype=info.dtype)
+                # straight into the array: one buffer per batch, not a bytes object plus its copy
+                if fh.readinto(memoryview(arr.reshape(-1)).cast("B")) != count * info.row_bytes:
                     raise FeaturesError(f"{self.path}: truncated while reading {info.name!r}")
-                arr = np.frombuffer(buf, dtype=info.dtype).reshape(count, *info.shape[1:]).copy()
                 if not self.allow_non_finite and arr.dtype.kind == "f":
                     self._check_finite(info.name, arr, start)
                 out[info.name] = arr

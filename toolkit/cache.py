@@ -233,18 +233,30 @@ class InputRows:
 
     def batch(self, idx: np.ndarray, transforms: Mapping[str, Transform | None] | None = None
               ) -> dict[str, np.ndarray]:
-        """float32 arrays for positions `idx` (ascending reads per segment, returned in `idx` order)."""
+        """float32 arrays for positions `idx` (ascending reads per segment, returned in `idx` order).
+
+        Each run of consecutive cached rows is cast from the float16 memory map straight into its place in the
+        float32 batch: one pass over the batch, no float16 gather copy and no float32 scatter copy (the old path's
+        two extra passes over 12.6 MB per ViT-S/14 batch of 32). A shuffled training batch is runs of one row;
+        evaluation reads whole slices.
+        """
         idx = np.asarray(idx, dtype=np.int64)
         seg = np.searchsorted(self._starts, idx, side="right") - 1
+        runs: list[tuple[Mapping[str, np.ndarray], int, int, int]] = []  # (arrays, batch pos, cached row, length)
+        for s in np.unique(seg):
+            arrays, rows = self.segments[s]
+            where = np.flatnonzero(seg == s)
+            local = rows[idx[where] - self._starts[s]]
+            order = np.argsort(local, kind="stable")
+            where, local = where[order], local[order]
+            cuts = np.flatnonzero((np.diff(local) != 1) | (np.diff(where) != 1)) + 1
+            for w, loc in zip(np.split(where, cuts), np.split(local, cuts), strict=True):
+                runs.append((arrays, int(w[0]), int(loc[0]), len(w)))
         out: dict[str, np.ndarray] = {}
         for name in self.names:
             parts = np.empty((len(idx), *self.shape(name)), dtype=np.float32)
-            for s in np.unique(seg):
-                arrays, rows = self.segments[s]
-                where = np.flatnonzero(seg == s)
-                local = rows[idx[where] - self._starts[s]]
-                order = np.argsort(local, kind="stable")
-                parts[where[order]] = np.asarray(arrays[name][local[order]], dtype=np.float32)
+            for arrays, pos, row, length in runs:
+                parts[pos:pos + length] = arrays[name][row:row + length]
             fn = (transforms or {}).get(name)
             out[name] = np.asarray(fn(parts), dtype=np.float32) if fn is not None else parts
         return out

@@ -9,10 +9,14 @@ epochs is stopped at once (successive halving): collapsed candidates stop costin
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
+import ctypes.util
 import math
+import sys
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -168,6 +172,38 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=1) == np.asarray(labels))) if len(labels) else 0.0
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
+_GLIBC_TRIM_DEFAULT, _GLIBC_MMAP_MAX_DEFAULT = 128 * 1024, 65536
+
+
+@contextlib.contextmanager
+def reuse_freed_memory() -> Iterator[None]:
+    """Keep freed activation buffers in the heap for the next step instead of handing them back to the kernel.
+
+    Why: a ViT-S/14 batch of 32 makes [32, 257, 384] float32 activations of 12.6 MB each, a dozen per step kept
+    for backward. glibc serves blocks that large with fresh mmap()s and returns them on free, so every step
+    page-faults ~150 MB of zeroed pages again: a residual add measured 9-14 ms on fresh memory against 0.9 ms on
+    reused memory, and an epoch of `fit` 20-25% more CPU time. Serving everything from the heap (no mmap) and
+    not trimming it while training removes that; the allocator is restored and the heap trimmed afterwards.
+    Arithmetic is untouched (same weights, bit for bit). A no-op off glibc.
+    """
+    libc = None
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            if not libc.mallopt(_M_MMAP_MAX, 0):  # not glibc's allocator (musl: a stub that returns 0)
+                libc = None
+            else:
+                libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX_DEFAULT)
+            libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_DEFAULT)
+            libc.malloc_trim(0)
+
+
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Mean natural-log cross-entropy of `logits` [N, C] against integer labels (no smoothing), in float64."""
     z = np.asarray(logits, np.float64)
@@ -218,7 +254,7 @@ def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hasha
     results = {key: FitResult(state=copy.deepcopy(m.state_dict()), best_epoch=0, best_val_top1=None, epochs_run=0)
                for key, m in models.items()}
     active = set(models)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), reuse_freed_memory():
         torch.manual_seed(params.seed)
         for epoch in range(1, params.epochs + 1):
             order = rng.permutation(n)

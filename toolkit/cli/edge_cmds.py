@@ -154,6 +154,8 @@ def finetune_edge_cmd(
     memory: Annotated[int | None, typer.Option("--memory", help="Device RAM in MB (another variant)")] = None,
     memory_cap: Annotated[int | None, typer.Option("--memory-cap", help="Cap in MB (default: the budget)")] = None,
     no_cap: Annotated[bool, typer.Option("--no-cap", help="Do not apply the memory cap")] = False,
+    threads: Annotated[int | None, typer.Option("--threads", help="Override the profile's threads (edge graph)")]
+    = None,
     seed: Annotated[int, typer.Option("--seed", help="Split and shuffling seed")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Activate the new head even if it is worse on the "
                                         "held-out split than the current one")] = False,
@@ -177,7 +179,7 @@ def finetune_edge_cmd(
                                  val_fraction=val_fraction, patience=patience, seed=seed)
         report = finetune_edge(bundle, features, device=device, params=params, new_classes=names,
                                eval_features=eval_features, state_dir=state, memory_mb=memory,
-                               memory_cap_mb=memory_cap, apply_caps=not no_cap, force=force)
+                               memory_cap_mb=memory_cap, apply_caps=not no_cap, force=force, threads=threads)
     if json_out:
         print_json(report)
     else:
