@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import two_tensor_method  # noqa: F401  (registers the two-tensor test method for every test)
 
+pytest_plugins = ["small_cache_data"]  # small_list, backbone: the cache tests' private digits and tiny ViT
+
 TINY_BACKBONE = "test_vit"  # timm's registered tiny ViT: width 64, 6 blocks
 TINY_IMG = 32  # 2x2 patches of 16 px + cls = 5 tokens: fast everywhere
 

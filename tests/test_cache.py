@@ -4,13 +4,13 @@ an interrupted build resumes, and --skip-bad counts."""
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from small_cache_data import N_IMAGES
 
 import mist_kit.featurize as featurize
 from mist_kit.backbone import load_backbone, save_random_backbone
@@ -19,28 +19,6 @@ from mist_kit.data import ImageList, load_image_list, load_pixels
 from mist_kit.errors import DataError
 from mist_kit.featurize import cache_features
 from mist_kit.runtime.plan import FINAL_CLS, block, gather
-
-N_IMAGES = 12
-
-
-@pytest.fixture
-def small_list(tmp_path: Path, digits_lists: dict[str, Path]) -> Path:
-    """A private copy (images + list) of the first N_IMAGES training digits, safe to modify."""
-    src = digits_lists["train"]
-    root = tmp_path / "data"
-    (root / "images").mkdir(parents=True)
-    lines = src.read_text().splitlines()[:N_IMAGES]
-    for line in lines:
-        rel = line.rsplit(" ", 1)[0]
-        shutil.copy(src.parent / rel, root / rel)
-    shutil.copy(src.parent / "classes.txt", root / "classes.txt")
-    (root / "list.txt").write_text("\n".join(lines) + "\n")
-    return root / "list.txt"
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_weights: Path):
-    return load_backbone("test_vit", img_size=32, weights=tiny_weights)
 
 
 def _cache(backbone, images: ImageList, root: Path, ks=(2, 4), extra=(), **kw):

@@ -9,43 +9,21 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from small_cache_data import N_IMAGES
 
 import mist_kit.cache_integrity as integrity
 import mist_kit.featurize as featurize
-from mist_kit.backbone import load_backbone
 from mist_kit.cache import CacheWriter, open_complete
 from mist_kit.data import load_image_list
 from mist_kit.errors import DataError, InputError
 from mist_kit.featurize import cache_features
 from mist_kit.runtime.plan import gather
 
-N_IMAGES = 12
 ROW_BYTES = 5 * 64 * 2  # one image of a gather tensor of the tiny ViT: [5, 64] float16
-
-
-@pytest.fixture
-def small_list(tmp_path: Path, digits_lists: dict[str, Path]) -> Path:
-    """A private copy (images + list) of the first N_IMAGES training digits."""
-    src = digits_lists["train"]
-    root = tmp_path / "data"
-    (root / "images").mkdir(parents=True)
-    lines = src.read_text().splitlines()[:N_IMAGES]
-    for line in lines:
-        rel = line.rsplit(" ", 1)[0]
-        shutil.copy(src.parent / rel, root / rel)
-    shutil.copy(src.parent / "classes.txt", root / "classes.txt")
-    (root / "list.txt").write_text("\n".join(lines) + "\n")
-    return root / "list.txt"
-
-
-@pytest.fixture(scope="module")
-def backbone(tiny_weights: Path):
-    return load_backbone("test_vit", img_size=32, weights=tiny_weights)
 
 
 @pytest.fixture(autouse=True)
