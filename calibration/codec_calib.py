@@ -57,11 +57,20 @@ def fit_from_batches(name: str, batches: Iterable[dict[str, np.ndarray]], num_pr
 def fit_for_inputs(name: str, rows: InputRows, num_prefix_tokens: int,
                    max_images: int = DEFAULT_MAX_IMAGES) -> dict[str, Codec]:
     """Codec `name` calibrated separately for every sent tensor of one candidate: each has its own ranges."""
+    from mist_kit.runtime.codec.registry import same_tokens_codec
+
     idx = evenly_spaced(len(rows), max_images)
     batch = rows.batch(idx)
-    # a one-token tensor (the final cls) has no prefix/patch split: all of it is "patches" to the codec
-    return {tensor: fit_codec(name, batch[tensor], min(num_prefix_tokens, batch[tensor].shape[1] - 1), tensor=tensor)
-            for tensor in rows.names}
+    out = {}
+    for tensor in rows.names:
+        x = batch[tensor]
+        if x.shape[1] == 1:  # the final cls: no prefix/patch split, nothing to pool: the codec's quantizer alone
+            base, level = parse_codec_name(name)
+            one = same_tokens_codec(base) + ("" if level is None else f"+zstd{level}")
+            out[tensor] = fit_codec(one, x, 0, tensor=tensor)
+        else:
+            out[tensor] = fit_codec(name, x, min(num_prefix_tokens, x.shape[1] - 1), tensor=tensor)
+    return out
 
 
 def fit_for_candidates(name: str, train_x: Mapping[Hashable, InputRows], num_prefix_tokens: int,

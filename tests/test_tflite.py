@@ -111,6 +111,33 @@ def test_agreement_gate_fails_export_and_writes_nothing(tiny_checkpoint: dict, t
 
 
 @needs_extra
+def test_static_activations_refused_by_the_gate_fall_back_to_dynamic(tiny_checkpoint: dict, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first recipe (static int8 activations) failing the gate is not the end: dynamic activations are tried,
+    and the report says which one shipped and what the other measured."""
+    from mist_kit.exporters import tflite
+
+    real, calls = tflite.validate, []
+
+    def static_fails(*args, **kwargs):
+        report = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            report["problems"].append("edge.tflite int8 top-1 agreement 0.9000 < --min-agreement 0.99")
+        return report
+
+    monkeypatch.setattr(tflite, "validate", static_fails)
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(app, ["export", str(tiny_checkpoint["checkpoint"]), "--out", str(out), "--tflite",
+                                      "--codec", "fp32", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["tflite"]
+    assert report["activations"] == "dynamic" and len(calls) == 2
+    assert [t["activations"] for t in report["tried"]] == ["static"] and report["tried"][0]["problems"]
+    assert (out / "edge.tflite").is_file()
+
+
+@needs_extra
 def test_int8_codec_decoder_is_in_the_graph(tiny_checkpoint: dict, tmp_path: Path) -> None:
     """With the int8-channel codec edge.tflite takes the int8 codes the cloud graph sends, like edge.onnx."""
     from mist_kit.exporters.export import export_bundle

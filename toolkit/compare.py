@@ -310,6 +310,8 @@ def run_compare(req: CompareRequest, log: Log = print) -> CompareResult:
                 kept = done.get(rid)
                 if kept is not None and (why := _changed(kept, settings)) is not None:
                     log(f"[{n}/{total}] {rid}: the kept row was made with other settings ({why}): redoing it")
+                elif kept is not None and kept.get("error") and not req.kept_only:
+                    log(f"[{n}/{total}] {rid}: the kept row failed ({kept['error'][:80]}): trying it again")
                 elif kept is not None:
                     rows.append(_retimed(kept, profile, log))
                     chosen_k = kept.get("k") if chosen_k is None else chosen_k

@@ -43,3 +43,17 @@ def codec_params(name: str) -> CodecParams:
     if m:
         return CodecParams(quant=Quant.PCA_INT8, rank=int(m.group(1)))
     raise CodecError(f"unknown codec {name!r}; valid: {', '.join(list_codecs())} (or pca<r>-int8)")
+
+
+def same_tokens_codec(name: str) -> str:
+    """The registered codec with `name`'s quantizer that keeps every token: what a token-changing codec (pooling,
+    prefix only) means for a one-token tensor such as the final cls, which has no patch grid to pool or drop
+    (pool2-int4 -> int4-channel, cls-int8 -> int8-channel, cls-fp16 -> fp16). Other names are returned as given."""
+    params = codec_params(name)
+    if not params.changes_tokens:
+        return name
+    want = CodecParams(quant=params.quant, percentile=params.percentile)
+    for other in _REGISTRY:
+        if _REGISTRY[other]() == want:
+            return other
+    raise CodecError(f"codec {name!r}: no registered codec quantizes like it without changing tokens")

@@ -1,0 +1,34 @@
+"""A token-changing codec (pooling, prefix only) on a one-token tensor (the final cls) means its quantizer alone:
+there is no patch grid to pool or drop. MIST with its cls-token extension and the linear probe can therefore take
+every codec the gather takes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mist_kit.cache import InputRows
+from mist_kit.calibration.codec_calib import fit_for_inputs
+from mist_kit.runtime.codec.registry import same_tokens_codec
+
+
+@pytest.mark.parametrize(("name", "expected"), [("pool2-int4", "int4-channel"), ("pool4-int8", "int8-channel"),
+                                                ("cls-int8", "int8-channel"), ("cls-fp16", "fp16"),
+                                                ("int8-channel", "int8-channel"), ("fp32", "fp32")])
+def test_same_tokens_codec(name: str, expected: str) -> None:
+    assert same_tokens_codec(name) == expected
+
+
+def test_one_token_tensor_gets_the_quantizer_and_the_gather_the_pooling() -> None:
+    rng = np.random.default_rng(0)
+    rows = InputRows.of({"gather": rng.standard_normal((16, 17, 8)).astype(np.float16),
+                         "cls": rng.standard_normal((16, 1, 8)).astype(np.float16)})
+    codecs = fit_for_inputs("pool2-int4", rows, num_prefix_tokens=1)
+    assert codecs["gather"].spec()["name"] == "pool2-int4" and codecs["gather"].spec()["num_tokens"] == 1 + 4
+    cls = codecs["cls"].spec()
+    assert cls["name"] == "int4-channel" and cls["num_tokens"] == 1 and cls["tensor"] == "cls"
+    x = rows.batch(np.arange(16))["cls"]
+    back = codecs["cls"].decode(codecs["cls"].encode(x))
+    assert back.shape == x.shape and np.abs(back - x).max() <= np.abs(x).max() / 7 + 1e-3  # int4: 1/7 of range
+    codecs = fit_for_inputs("cls-int8+zstd3", rows, num_prefix_tokens=1)
+    assert codecs["cls"].spec()["name"] == "int8-channel" and codecs["gather"].spec()["num_tokens"] == 1
