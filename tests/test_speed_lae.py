@@ -22,7 +22,7 @@ T, D, C = 17, 64, 5
 def _lae(pool: str = "cls", seed: int = 0, tokens: int = T, dim: int = D) -> LowRankAttentionEdge:
     torch.manual_seed(seed)
     m = create_edge_method("mist", backbone=BackboneShape(dim, tokens, 1, 6), depth=3, num_classes=C,
-                           params={"pool": pool})
+                           params={"pool": pool, "dropout": 0.0})  # train-mode parity: no dropout noise
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # a "trained" LAE: every parameter moved off its init
         for p in m.parameters():
