@@ -198,7 +198,9 @@ COMPUTE_OPS = ("FULLY_CONNECTED", "BATCH_MATMUL", "CONV_2D", "DEPTHWISE_CONV_2D"
 
 
 def op_summary(model: bytes) -> tuple[dict[str, int], dict[str, int]]:
-    """(op counts of the flatbuffer, compute ops that take int8 input), read with the default delegate off."""
+    """(op counts of the flatbuffer, compute ops that run int8: int8 activations (static), or int8 weights with
+    float activations (dynamic range: LiteRT's hybrid kernels quantize the activations at run time)), read with the
+    default delegate off."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     interp = Interpreter(model_content=model,
@@ -207,8 +209,8 @@ def op_summary(model: bytes) -> tuple[dict[str, int], dict[str, int]]:
     ops = interp._get_ops_details()  # private, but the only op listing there is
     dtypes = {t["index"]: np.dtype(t["dtype"]) for t in interp.get_tensor_details()}
     counts = Counter(str(o["op_name"]) for o in ops)
-    int8 = Counter(str(o["op_name"]) for o in ops if o["op_name"] in COMPUTE_OPS and len(o["inputs"])
-                   and dtypes.get(int(o["inputs"][0])) == np.dtype(np.int8))
+    int8 = Counter(str(o["op_name"]) for o in ops if o["op_name"] in COMPUTE_OPS
+                   and any(dtypes.get(int(i)) == np.dtype(np.int8) for i in list(o["inputs"])[:2] if int(i) >= 0))
     return dict(sorted(counts.items())), dict(sorted(int8.items()))
 
 

@@ -172,7 +172,7 @@ def test_vitsplit_lite_exports_to_tflite_and_agrees(tiny_checkpoint: dict, digit
 
     req = TrainRequest(backbone="test_vit", weights=str(tiny_weights), img_size=32, train=str(digits_lists["train"]),
                        val=str(digits_lists["val"]), out=tmp_path / "run", method="vitsplit-lite",
-                       params=TrainParams(epochs=2, seed=0), progress=False,
+                       params=TrainParams(epochs=2, min_steps=0, seed=0), progress=False, refit=False,
                        cache_dir=Path(tiny_checkpoint["out"]) / "cache")
     report = run_training(req, log=lambda _m: None, codec={"name": "fp32"})
     out = tmp_path / "bundle"
