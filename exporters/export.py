@@ -89,11 +89,15 @@ def _codec_specs(config: Any, plan: Any, requested: str | None, cache_dir: Path 
     It is calibrated per tensor on the training cache; without one the export falls back to fp32 and says so (an
     explicit --codec fails).
     """
-    from mist_kit.runtime.codec import DEFAULT_LAYOUT_PRESERVING_CODEC
+    from mist_kit.runtime.codec import DEFAULT_LAYOUT_PRESERVING_CODEC, parse_codec_name
+    from mist_kit.runtime.codec.registry import same_tokens_codec
 
     trained = {name: spec for name, spec in (config.codecs or {}).items() if spec.get("name", "fp32") != "fp32"}
     names = {spec["name"] for spec in trained.values()}
-    if trained and (requested is None or names == {requested}):
+    if requested is not None:  # `train --codec pool2-int4` also put int4-channel on a one-token tensor (the cls)
+        base = parse_codec_name(requested)[0]
+        same = {requested, base, same_tokens_codec(base)}
+    if trained and (requested is None or (base in names and names <= same)):
         return trained
     if trained:
         raise UsageError(f"--codec {requested}: the checkpoint's edge network was trained for codec "

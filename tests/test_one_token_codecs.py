@@ -32,3 +32,25 @@ def test_one_token_tensor_gets_the_quantizer_and_the_gather_the_pooling() -> Non
     assert back.shape == x.shape and np.abs(back - x).max() <= np.abs(x).max() / 7 + 1e-3  # int4: 1/7 of range
     codecs = fit_for_inputs("cls-int8+zstd3", rows, num_prefix_tokens=1)
     assert codecs["cls"].spec()["name"] == "int8-channel" and codecs["gather"].spec()["num_tokens"] == 1
+
+
+def test_mist_with_cls_token_trains_and_exports_with_a_pooling_codec(tiny_checkpoint: dict, digits_lists: dict,
+                                                                     tiny_weights, tmp_path) -> None:
+    """`train --codec pool2-int4` on mist + cls token pools the gather and int4-quantizes the cls; `export --codec
+    pool2-int4` accepts that checkpoint and the bundle carries both codecs."""
+    from pathlib import Path
+
+    from mist_kit.exporters.export import export_bundle
+    from mist_kit.pipeline import TrainRequest, run_training
+    from mist_kit.runtime.manifest import open_bundle
+    from mist_kit.train import TrainParams
+
+    req = TrainRequest(backbone="test_vit", weights=str(tiny_weights), img_size=32, train=str(digits_lists["train"]),
+                       val=str(digits_lists["val"]), out=tmp_path / "run", method="mist", k=2,
+                       method_params={"cls_token": True}, params=TrainParams(epochs=1, min_steps=0, seed=0),
+                       progress=False, refit=False, cache_dir=Path(tiny_checkpoint["out"]) / "cache")
+    report = run_training(req, log=lambda _m: None, codec={"name": "pool2-int4"})
+    exported = export_bundle(report["checkpoint"], tmp_path / "bundle", codec="pool2-int4", log=lambda _m: None)
+    assert exported.ok, exported.problems
+    tensors = {t["name"]: t["codec"]["name"] for t in open_bundle(tmp_path / "bundle")["cloud"]["plan"]["tensors"]}
+    assert tensors == {"gather": "pool2-int4", "cls": "int4-channel"}
