@@ -94,10 +94,14 @@ def _codec_specs(config: Any, plan: Any, requested: str | None, cache_dir: Path 
 
     trained = {name: spec for name, spec in (config.codecs or {}).items() if spec.get("name", "fp32") != "fp32"}
     names = {spec["name"] for spec in trained.values()}
-    if requested is not None:  # `train --codec pool2-int4` also put int4-channel on a one-token tensor (the cls)
-        base = parse_codec_name(requested)[0]
-        same = {requested, base, same_tokens_codec(base)}
-    if trained and (requested is None or (base in names and names <= same)):
+    def trained_for(req: str) -> bool:
+        """Every tensor carries `req`, or, on a one-token tensor (the cls), its quantizer alone: what
+        `train --codec req` wrote (pool2-int4 -> int4-channel there)."""
+        base = parse_codec_name(req)[0]
+        return all(spec["name"] in (req, base) or (spec.get("tokens") == 1 and spec["name"] == same_tokens_codec(base))
+                   for spec in trained.values())
+
+    if trained and (requested is None or trained_for(requested)):
         return trained
     if trained:
         raise UsageError(f"--codec {requested}: the checkpoint's edge network was trained for codec "

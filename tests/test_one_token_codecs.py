@@ -54,3 +54,25 @@ def test_mist_with_cls_token_trains_and_exports_with_a_pooling_codec(tiny_checkp
     assert exported.ok, exported.problems
     tensors = {t["name"]: t["codec"]["name"] for t in open_bundle(tmp_path / "bundle")["cloud"]["plan"]["tensors"]}
     assert tensors == {"gather": "pool2-int4", "cls": "int4-channel"}
+
+
+def test_linear_probe_trains_and_exports_with_a_pooling_codec_name(tiny_checkpoint: dict, digits_lists: dict,
+                                                                   tiny_weights, tmp_path) -> None:
+    """The linear probe sends only the cls: `--codec cls-int8` means int8-channel on it, in train and in export; an
+    export asking a codec the network was not trained for is still refused."""
+    from pathlib import Path
+
+    import pytest
+
+    from mist_kit.errors import UsageError
+    from mist_kit.exporters.export import export_bundle
+    from mist_kit.pipeline import TrainRequest, run_training
+
+    req = TrainRequest(backbone="test_vit", weights=str(tiny_weights), img_size=32, train=str(digits_lists["train"]),
+                       val=str(digits_lists["val"]), out=tmp_path / "run", method="linear", progress=False,
+                       refit=False, cache_dir=Path(tiny_checkpoint["out"]) / "cache")
+    report = run_training(req, log=lambda _m: None, codec={"name": "cls-int8"})
+    assert report["bytes_per_image"] == 64  # one int8 [1, 64] token
+    assert export_bundle(report["checkpoint"], tmp_path / "b", codec="cls-int8", log=lambda _m: None).ok
+    with pytest.raises(UsageError, match="was trained for codec int8-channel"):
+        export_bundle(report["checkpoint"], tmp_path / "b2", codec="int4-channel", log=lambda _m: None)
