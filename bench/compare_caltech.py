@@ -122,7 +122,8 @@ def main() -> None:
         from mist_kit.atomic import write_text
 
         a.work.mkdir(parents=True, exist_ok=True)
-        lines = [ln for d in a.merge.split(",") for ln in (Path(d) / "rows.jsonl").read_text().splitlines()]
+        lines = [ln for d in a.merge.split(",") if (Path(d) / "rows.jsonl").is_file()
+                 for ln in (Path(d) / "rows.jsonl").read_text().splitlines()]
         write_text(a.work / "rows.jsonl", "\n".join(lines) + "\n")
     results, seconds = {}, {}
     for device in a.devices.split(","):

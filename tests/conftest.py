@@ -47,7 +47,26 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, digits_lists: dict
                        params=TrainParams(epochs=15, min_steps=0, lr=1e-2, seed=0), progress=False, refit=False)
     report = run_training(req, log=lambda _m: None)
     report["out"] = out
+    _add_cls_to_cache(req, out / "cache", digits_lists)
     return report
+
+
+def _add_cls_to_cache(req, cache_root: Path, lists: dict[str, Path]) -> None:
+    """The shared cache also holds what `train` as typed needs (mist + its cls-token extension: final_cls), so tests
+    that pass `--cache-dir` to the CLI hit it (one extra tiny backbone pass, here, once per session)."""
+    from mist_kit.backbone import load_backbone
+    from mist_kit.data import load_image_list
+    from mist_kit.edge import get_edge_method
+    from mist_kit.featurize import cache_features
+    from mist_kit.runtime.plan import union_sources
+
+    model, spec = load_backbone(req.backbone, img_size=req.img_size, weights=req.weights)
+    mist = get_edge_method("mist")
+    params = dict(mist.train_defaults)
+    sources = union_sources([mist.cloud_plan(spec.shape, k, params) for k in mist.depth_candidates(spec.shape, params)])
+    for name in ("train", "val", "test"):
+        cache_features(model, spec, load_image_list(str(lists[name])), cache_root, sources, progress=False,
+                       log=lambda _m: None)
 
 
 def _export(tmp_path_factory: pytest.TempPathFactory, checkpoint: str, name: str, **options) -> Path:
