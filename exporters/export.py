@@ -54,6 +54,10 @@ class ExportOptions:
             raise UsageError("cannot set both --tflite and --quantize none: edge.tflite is the int8 LiteRT graph")
         if self.quantize is Precision.NONE and (self.mode != AUTO or self.op_types):
             raise UsageError("cannot set both --quantize none and --mode/--op-types")
+        if self.model_name is not None:  # the manifest's own rule, checked before any work, not at load time
+            from mist_kit.runtime.manifest_schema import check_served_name
+
+            check_served_name(self.model_name, "--model-name")
         if self.triton_backend not in TRITON_BACKENDS:
             raise UsageError(f"--triton-backend {self.triton_backend!r}: expected one of {', '.join(TRITON_BACKENDS)}")
         if self.quantize is Precision.INT8:

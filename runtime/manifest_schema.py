@@ -162,6 +162,16 @@ def served_name(v: Any) -> None:
         raise _Bad("expected a printable name of 1..128 characters without '/', '\\' or NUL")
 
 
+def check_served_name(v: Any, what: str) -> None:
+    """`served_name` for a value a user typed (export --model-name): one UsageError line naming the option."""
+    from mist_kit.errors import UsageError
+
+    try:
+        served_name(v)
+    except _Bad as exc:
+        raise UsageError(f"{what} {v!r}: {exc}") from None
+
+
 def required_path(v: Any) -> None:
     try:
         check_relative(v, "path")

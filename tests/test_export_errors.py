@@ -77,6 +77,7 @@ def test_checkpoint_from_another_backbone_width(tiny_checkpoint: dict, tmp_path:
     (["--tflite", "--quantize", "none"], "cannot set both --tflite and --quantize none"),
     (["--mode", "fancy"], "--mode 'fancy'"),
     (["--min-agreement", "1.5"], "--min-agreement"),
+    (["--model-name", "team/model"], "--model-name 'team/model': expected a printable name"),
 ])
 def test_contradictory_options(tiny_checkpoint: dict, tmp_path: Path, args: list[str], needle: str) -> None:
     out = _old_bundle(tmp_path)
