@@ -61,9 +61,7 @@ def _add_cls_to_cache(req, cache_root: Path, lists: dict[str, Path]) -> None:
     from mist_kit.runtime.plan import union_sources
 
     model, spec = load_backbone(req.backbone, img_size=req.img_size, weights=req.weights)
-    mist = get_edge_method("mist")
-    params = dict(mist.train_defaults)
-    sources = union_sources([mist.cloud_plan(spec.shape, k, params) for k in mist.depth_candidates(spec.shape, params)])
+    sources = union_sources(get_edge_method("mist").default_candidate_plans(spec.shape))
     for name in ("train", "val", "test"):
         cache_features(model, spec, load_image_list(str(lists[name])), cache_root, sources, progress=False,
                        log=lambda _m: None)

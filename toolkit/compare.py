@@ -381,12 +381,7 @@ def _fill_cache(base: Any, methods: Sequence[str], log: Log) -> None:
 
     model, spec = load_backbone(base.backbone, img_size=base.img_size, weights=base.weights,
                                 pretrained=base.pretrained)
-    plans = []
-    for m in methods:
-        cls = get_edge_method(m)
-        params = dict(cls.train_defaults)
-        plans += [cls.cloud_plan(spec.shape, d, params) for d in cls.depth_candidates(spec.shape, params)]
-    sources = union_sources(plans)
+    sources = union_sources([plan for m in methods for plan in get_edge_method(m).default_candidate_plans(spec.shape)])
     log(f"feature cache: {len(sources)} tensors for {len(methods)} methods ({', '.join(sorted(map(str, sources)))})")
     for src in (base.train, base.val, base.test):
         if src is not None:

@@ -51,6 +51,13 @@ class EdgeMethod(nn.Module):
         return (None,)
 
     @classmethod
+    def default_candidate_plans(cls, backbone: BackboneShape) -> list[CloudPlan]:
+        """The cloud plan of every depth `train --k auto` searches, built as `train` does by default
+        (`train_defaults`): what one backbone pass must cache for this method (compare, test fixtures)."""
+        params = dict(cls.train_defaults)
+        return [cls.cloud_plan(backbone, d, params) for d in cls.depth_candidates(backbone, params)]
+
+    @classmethod
     def searches_depth(cls) -> bool:
         """Whether `--k auto` has anything to choose for this method (it declares depth candidates)."""
         return cls.depth_candidates.__func__ is not EdgeMethod.depth_candidates.__func__  # type: ignore[attr-defined]
