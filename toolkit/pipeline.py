@@ -6,6 +6,7 @@ The CLI parses flags into `TrainRequest` and renders the returned report; everyt
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -270,7 +271,10 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
     final, best = models[chosen], results[chosen]
     val_top1 = best.best_val_top1
     if req.refit:
-        epochs = max(1, best.best_epoch)
+        epochs = refit_epochs(best.best_epoch, len(y_train) + len(y_val), req.params)  # type: ignore[arg-type]
+        if epochs > best.best_epoch:
+            log(f"refit: best val epoch {best.best_epoch} is under --refit-min-steps {req.params.refit_min_steps} "
+                f"optimiser steps on {len(y_train) + len(y_val)} rows")  # type: ignore[arg-type]
         log(f"refit on train + val for {epochs} epochs ({cls.depth_name}={chosen})")
         final = build(chosen)
         # the search's schedule (min_steps applied for the train rows, warmup included), cut at the best epoch
@@ -281,7 +285,16 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
     return _report_and_save(req, spec, classes, final, chosen, plans[chosen], specs[chosen], transforms[chosen],
                             splits, lists, cache_seconds, skipped, t_start, t_train, codec, cache_root,
                             {"val_top1": val_top1, "val_loss": best.best_val_loss,
-                             "epochs_run": {str(d): r.epochs_run for d, r in results.items()}, "k_search": search}, {})
+                             "epochs_run": {str(d): r.epochs_run for d, r in results.items()}, "k_search": search,
+                             "refit_epochs": epochs if req.refit else None}, {})
+
+
+def refit_epochs(best_epoch: int, rows: int, params: TrainParams) -> int:
+    """Epochs of the refit on train + val: the best val epoch, but at least `params.refit_min_steps` optimiser
+    steps over `rows` rows. Why a floor: on a tiny val set (faces2: 27 images) val top-1 saturates early, the
+    best epoch says little, and a refit of 30-100 steps from scratch under-trains (BENCHMARKS.md, accuracy)."""
+    steps = max(1, math.ceil(rows / params.batch_size))
+    return max(1, best_epoch, math.ceil(params.refit_min_steps / steps))
 
 
 def _report_and_save(req: TrainRequest, spec: Any, classes: tuple[str, ...], final: EdgeMethod, depth: int | None,

@@ -4,7 +4,13 @@ Several candidates (one per k) train in one loop over the same shuffled batches,
 and each stops when its validation top-1 has not improved for `patience` epochs. That is MIST's k selection on
 validation data at the cost of one training run per candidate, with no extra backbone passes. With
 `prune_margin`, a candidate whose best val top-1 trails the leader's by more than the margin after `prune_after`
-epochs is stopped at once (successive halving): collapsed candidates stop costing epochs.
+epochs is stopped at once: collapsed candidates stop costing epochs. With `halving` (successive halving), at
+epochs `prune_after`, 2x, 4x, ... only the better half of the remaining candidates (by best val top-1, ties to the
+lower val loss) keeps training: candidates that cannot win stop early even when they trail by less than the margin.
+
+Two regularisers need no extra backbone pass: `ema` keeps an exponential moving average of the weights (timm's
+`ModelEmaV3`, with its warmup) and evaluates, keeps and exports the average; `mixup` trains on convex mixtures of
+two cached feature rows and of their labels (Zhang et al., 2018), applied to every tensor the method reads.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from mist_kit.cache import InputRows
@@ -58,6 +65,10 @@ class TrainParams:
     prune_margin: float | None = 0.1  # stop a candidate trailing the best val top-1 by more than this
     prune_after: int = 3  # ... once it has trained this many epochs
     precision: str = "fp32"  # "bf16": training forward/backward under CPU bf16 autocast (see train_autocast)
+    halving: bool = False  # k search: at prune_after x 1, 2, 4, ... epochs keep only the better half of candidates
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); the average is kept
+    mixup: float = 0.0  # Beta(a, a) feature mixup on cached rows (0: off)
+    refit_min_steps: int = 0  # the refit on train + val trains at least this many optimiser steps
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -78,6 +89,12 @@ class TrainParams:
             raise UsageError(f"--prune-after must be >= 1, got {self.prune_after}")
         if self.min_steps < 0:
             raise UsageError(f"--min-steps must be >= 0, got {self.min_steps}")
+        if not 0 <= self.ema < 1:
+            raise UsageError(f"--ema must be in [0, 1) (a decay; 0 is off), got {self.ema}")
+        if self.mixup < 0:
+            raise UsageError(f"--mixup must be >= 0 (a Beta alpha; 0 is off), got {self.mixup}")
+        if self.refit_min_steps < 0:
+            raise UsageError(f"--refit-min-steps must be >= 0, got {self.refit_min_steps}")
         if self.precision not in ("fp32", "bf16"):
             raise UsageError(f"--train-precision must be fp32 or bf16, got {self.precision!r}")
         if self.precision == "bf16" and not cpu_has_bf16():
@@ -224,6 +241,28 @@ def improves(acc: float, loss: float, best_acc: float | None, best_loss: float |
     return acc == best_acc and best_loss is not None and loss < best_loss
 
 
+def halving_rung(epoch: int, params: TrainParams) -> bool:
+    """Whether successive halving cuts the candidates after this epoch: at prune_after x 1, 2, 4, ..."""
+    if not params.halving or epoch < params.prune_after or epoch % params.prune_after:
+        return False
+    rung = epoch // params.prune_after
+    return rung & (rung - 1) == 0
+
+
+def halve(results: Mapping[Hashable, FitResult], alive: set[Hashable]) -> set[Hashable]:
+    """The better half (rounded up) of the `alive` candidates: best val top-1, ties to the lower val loss, then
+    to the first listed. Candidates stopped by patience still count: one that stopped on top is not overtaken."""
+    order = list(results)
+    ranked = sorted(alive, key=lambda key: (-(results[key].best_val_top1 or 0.0),
+                                            results[key].best_val_loss or 0.0, order.index(key)))
+    return set(ranked[: math.ceil(len(ranked) / 2)])
+
+
+def mix_batch(batch: dict[str, torch.Tensor], lam: float, perm: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mixup of cached rows: every tensor the method reads becomes lam * row + (1 - lam) * row[perm]."""
+    return {name: t * lam + t[perm] * (1.0 - lam) for name, t in batch.items()}
+
+
 def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hashable, Inputs],
                    train_y: np.ndarray, params: TrainParams,
                    val_x: Mapping[Hashable, Inputs] | None = None, val_y: np.ndarray | None = None,
@@ -253,7 +292,11 @@ def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hasha
         scheds[key] = torch.optim.lr_scheduler.LambdaLR(opts[key], _schedule(params, steps_per_epoch))
     results = {key: FitResult(state=copy.deepcopy(m.state_dict()), best_epoch=0, best_val_top1=None, epochs_run=0)
                for key, m in models.items()}
-    active = set(models)
+    # what is evaluated and kept: the model itself, or the moving average of its weights
+    emas = {key: ModelEmaV3(m, decay=params.ema, use_warmup=True) for key, m in models.items()} if params.ema else {}
+    kept = {key: emas[key].module if key in emas else m for key, m in models.items()}
+    mix_rng = np.random.default_rng([params.seed, 1])  # its own stream: mixup off leaves the batch order as it was
+    active, alive = set(models), set(models)
     with torch.random.fork_rng(), reuse_freed_memory():
         torch.manual_seed(params.seed)
         for epoch in range(1, params.epochs + 1):
@@ -264,13 +307,23 @@ def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hasha
             for s in range(steps_per_epoch):
                 idx = np.sort(order[s * params.batch_size: (s + 1) * params.batch_size])
                 y = y_all[idx]
+                if params.mixup:  # one draw per step, shared by the candidates (same data for each)
+                    lam = float(mix_rng.beta(params.mixup, params.mixup))
+                    perm = torch.from_numpy(mix_rng.permutation(len(idx)))
                 for key in active:
+                    batch = _batch(tx[key], idx, per_key[key])
                     with train_autocast(params):
-                        loss = loss_fn(models[key](_batch(tx[key], idx, per_key[key])).float(), y)
+                        if params.mixup:
+                            out = models[key](mix_batch(batch, lam, perm)).float()
+                            loss = lam * loss_fn(out, y) + (1.0 - lam) * loss_fn(out, y[perm])
+                        else:
+                            loss = loss_fn(models[key](batch).float(), y)
                     opts[key].zero_grad(set_to_none=True)
                     loss.backward()
                     opts[key].step()
                     scheds[key].step()
+                    if key in emas:
+                        emas[key].update(models[key], step=(epoch - 1) * steps_per_epoch + s + 1)
                     losses[key] += float(loss.detach()) * len(idx) / n
             report: dict[Hashable, dict[str, float]] = {}
             for key in list(active):
@@ -278,24 +331,31 @@ def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hasha
                 res.epochs_run = epoch
                 row = {"epoch": epoch, "loss": losses[key]}
                 if vx is not None and val_y is not None:
-                    logits = predict_logits(models[key], vx[key], per_key[key])
+                    logits = predict_logits(kept[key], vx[key], per_key[key])
                     acc, vloss = top1(logits, val_y), cross_entropy(logits, val_y)
                     row["val_top1"], row["val_loss"] = acc, vloss
                     if improves(acc, vloss, res.best_val_top1, res.best_val_loss):
                         res.best_val_top1, res.best_val_loss, res.best_epoch = acc, vloss, epoch
-                        res.state = copy.deepcopy(models[key].state_dict())
+                        res.state = copy.deepcopy(kept[key].state_dict())
                     elif epoch - res.best_epoch >= params.patience:
                         active.discard(key)
                 else:
-                    res.best_epoch, res.state = epoch, copy.deepcopy(models[key].state_dict())
+                    res.best_epoch, res.state = epoch, copy.deepcopy(kept[key].state_dict())
                 res.history.append(row)
                 report[key] = row
-            if params.prune_margin is not None and epoch >= params.prune_after and len(active) > 1:
+            if vx is not None and params.prune_margin is not None and epoch >= params.prune_after \
+                    and len(active) > 1:
                 leader = max(results[key].best_val_top1 or 0.0 for key in models)
                 for key in list(active):
                     if (results[key].best_val_top1 or 0.0) < leader - params.prune_margin:
                         active.discard(key)
+                        alive.discard(key)
                         report[key]["pruned"] = 1.0
+            if vx is not None and len(active) > 1 and halving_rung(epoch, params):
+                keep = halve(results, alive)
+                for key in active - keep:
+                    report[key]["pruned"] = 1.0
+                active, alive = active & keep, keep
             if on_epoch is not None:
                 on_epoch(epoch, report)
             if not active:

@@ -67,6 +67,18 @@ def train(
         help="k search: stop a candidate whose val top-1 trails the best by more than this (1: never)")] = 0.1,
     prune_after: Annotated[int, typer.Option(
         help="k search: epochs before --prune-margin applies (scaled with --min-steps)")] = 3,
+    halving: Annotated[bool, typer.Option(
+        "--halving/--no-halving", help="k search: at --prune-after x 1, 2, 4, ... epochs keep only the better half "
+        "of the candidates (successive halving)")] = False,
+    ema: Annotated[float, typer.Option(
+        help="Keep an exponential moving average of the weights with this decay, and use it (0: off)")]
+    = 0.0,
+    mixup: Annotated[float, typer.Option(
+        help="Mixup on cached features: Beta(a, a) mixtures of two rows and their labels (0: off)")]
+    = 0.0,
+    refit_min_steps: Annotated[int, typer.Option(
+        help="The refit on train + val trains at least this many optimiser steps (0: exactly the best val epoch)")]
+    = 0,
     cls_token: Annotated[bool, typer.Option(
         "--cls-token/--no-cls-token", help="mist: also send the backbone's final-norm cls token and concatenate it "
         "to the LAE embedding before the head (our extension, not the paper's: D more values per image, 768 B fp16 "
@@ -133,8 +145,8 @@ def train(
         params=TrainParams(epochs=defaults.epochs if epochs is None else epochs, min_steps=min_steps,
                            batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                            patience=patience, label_smoothing=label_smoothing, seed=seed,
-                           prune_margin=prune_margin, prune_after=prune_after,
-                           precision=train_precision.value),
+                           prune_margin=prune_margin, prune_after=prune_after, halving=halving, ema=ema,
+                           mixup=mixup, refit_min_steps=refit_min_steps, precision=train_precision.value),
         refit=refit, cache_dir=cache_dir, skip_bad=skip_bad, backbone_batch=backbone_batch,
         seeds=parse_ints(seeds, "--seeds"),
         backbone_precision=backbone_precision.value, backbone_engine=backbone_engine.value, progress=not quiet,
