@@ -68,3 +68,6 @@ def test_chunk_rows_bounded_by_bytes_and_batch(mixed):
     assert chunk_rows(ff, 5, budget=5 * row + row - 1) == 5
     assert chunk_rows(ff, 2, budget=100 * row) == 2  # the batch binds
     assert chunk_rows(ff, 32, budget=row - 1) == 1  # never zero rows
+    assert chunk_rows(ff, 32, budget=10 * row, activation_bytes=3 * row) == 3  # the graph's activations bind
+    assert chunk_rows(ff, 32, budget=10 * row, activation_bytes=20 * row) == 1
+    assert chunk_rows(ff, 32, budget=10 * row, activation_bytes=0) == 10  # unknown: features alone
