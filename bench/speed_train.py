@@ -171,33 +171,40 @@ def ratio_mode(args: argparse.Namespace) -> None:
     print(f"uptime: {os.popen('uptime').read().strip()}", flush=True)
     before, cpu_before = time_backbone(args.weights, subset)
     print(f"backbone fp32 {before * 1e3:.1f} ms/image (1 thread, {len(subset)} images)", flush=True)
-    cmd = [str(Path(sys.executable).parent / "mist-kit"), "train", "--backbone", "vit_small_patch14_dinov2",
-           "--weights", str(args.weights), "--img-size", "224", "--train", str(DATA / "train800.txt"), "--val",
-           str(DATA / "val200.txt"), "--k", "auto", "--cache-dir", str(args.cache), "--out", str(args.out),
-           "--json"]
-    print(" ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(proc.stderr[-3000:])
-    rep = json.loads(proc.stdout.strip().splitlines()[-1])
-    train_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
-    train_cpu_s = train_cpu.ru_utime + train_cpu.ru_stime  # the whole command: imports and cache checks included
+    runs = []
+    for i, variant in enumerate(args.variant_flags or [""]):
+        flags = variant.split()
+        cmd = [str(Path(sys.executable).parent / "mist-kit"), "train", "--backbone", "vit_small_patch14_dinov2",
+               "--weights", str(args.weights), "--img-size", "224", "--train", str(DATA / "train800.txt"), "--val",
+               str(DATA / "val200.txt"), "--k", "auto", "--cache-dir", str(args.cache), "--out",
+               str(args.out / f"variant-{i}"), "--json", *flags]
+        print(" ".join(cmd), flush=True)
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr[-3000:])
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the whole command: imports and cache checks included
+        runs.append((variant, json.loads(proc.stdout.strip().splitlines()[-1]), wall,
+                     cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime))
     after, cpu_after = time_backbone(args.weights, subset)
     print(f"backbone fp32 {after * 1e3:.1f} ms/image after training", flush=True)
     print(f"uptime: {os.popen('uptime').read().strip()}")
     per_image = float(np.mean([before, after]))
-    passes = rep["train_seconds"] / (per_image * len(images))
-    print(json.dumps({"train_seconds": rep["train_seconds"], "cache_seconds": rep["cache_seconds"],
-                      "command_wall_s": round(wall, 1), "k": rep["k"], "val_top1": rep["val_top1"],
-                      "refit": rep.get("refit"), "epochs_run": rep.get("epochs_run"), "k_search": rep.get("k_search"),
-                      "backbone_ms_per_image": [round(before * 1e3, 2), round(after * 1e3, 2)],
-                      "images": len(images), "backbone_pass_s": round(per_image * len(images), 1),
-                      "passes": round(passes, 3), "command_cpu_s": round(train_cpu_s, 1),
-                      "backbone_cpu_ms_per_image": [round(cpu_before * 1e3, 2), round(cpu_after * 1e3, 2)],
-                      "passes_cpu": round(train_cpu_s / (float(np.mean([cpu_before, cpu_after])) * len(images)),
-                                          3)}))
+    cpu_per_image = float(np.mean([cpu_before, cpu_after]))
+    for variant, rep, wall, train_cpu_s in runs:
+        print(json.dumps({"flags": variant, "train_seconds": rep["train_seconds"],
+                          "cache_seconds": rep["cache_seconds"], "command_wall_s": round(wall, 1), "k": rep["k"],
+                          "val_top1": rep["val_top1"], "refit": rep.get("refit"),
+                          "refit_epochs": rep.get("refit_epochs"), "epochs_run": rep.get("epochs_run"),
+                          "k_search": rep.get("k_search"),
+                          "backbone_ms_per_image": [round(before * 1e3, 2), round(after * 1e3, 2)],
+                          "images": len(images), "backbone_pass_s": round(per_image * len(images), 1),
+                          "passes": round(rep["train_seconds"] / (per_image * len(images)), 3),
+                          "command_cpu_s": round(train_cpu_s, 1),
+                          "backbone_cpu_ms_per_image": [round(cpu_before * 1e3, 2), round(cpu_after * 1e3, 2)],
+                          "passes_cpu": round(train_cpu_s / (cpu_per_image * len(images)), 3)}))
 
 
 def main() -> None:
@@ -210,6 +217,9 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path("/work/cache/caltech"))
     ap.add_argument("--weights", type=Path, default=Path("/work/cache/dinov2_vits14.safetensors"))
     ap.add_argument("--subset", type=int, default=48)
+    ap.add_argument("--variant-flags", action="append",
+                    help="ratio: extra `mist-kit train` flags of one variant (repeat: each variant runs in turn "
+                         "between the two backbone timings; default: one run with the defaults)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "work" / "speed_ratio")
     args = ap.parse_args()
     if args.mode == "forward":
