@@ -69,6 +69,24 @@ def test_fit_candidates_with_halving_stops_the_worse_half_at_the_rung() -> None:
     assert all(r.epochs_run == 5 for r in no_halving.values())
 
 
+def test_a_candidate_learns_the_same_whatever_trains_beside_it() -> None:
+    """Dropout masks come from a stream per candidate: depth 3 in a search of three equals depth 3 alone, with
+    dropout on (so the random stream matters)."""
+    x, y = _data(4)
+    params = TrainParams(epochs=4, batch_size=16, min_steps=0, patience=20, prune_margin=None, seed=2)
+
+    def model(d: int):
+        torch.manual_seed(d)
+        return create_edge_method("mist", backbone=SHAPE, depth=d, num_classes=3, params={"dropout": 0.5})
+
+    together = {d: model(d) for d in (1, 2, 3)}
+    fit_candidates(together, {d: x for d in together}, y, params, {d: x[:16] for d in together}, y[:16])
+    alone = {3: model(3)}
+    fit_candidates(alone, {3: x}, y, params, {3: x[:16]}, y[:16])
+    for k, v in alone[3].state_dict().items():
+        torch.testing.assert_close(together[3].state_dict()[k], v, rtol=0, atol=0)
+
+
 def test_ema_state_equals_the_warmup_average_of_the_raw_weights() -> None:
     """batch = all rows, so one step per epoch: record the raw weights after every step (ema off), then check the
     kept state with `ema` on (no val: the last state) against the average computed here."""

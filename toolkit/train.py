@@ -299,6 +299,9 @@ def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hasha
     active, alive = set(models), set(models)
     with torch.random.fork_rng(), reuse_freed_memory():
         torch.manual_seed(params.seed)
+        # each candidate draws its dropout masks from its own stream, so what it learns does not depend on which
+        # other candidates train beside it (or when they stop): k = 12 in a k search equals k = 12 trained alone
+        streams = {key: torch.get_rng_state() for key in models}
         for epoch in range(1, params.epochs + 1):
             order = rng.permutation(n)
             losses = {key: 0.0 for key in active}
@@ -311,6 +314,7 @@ def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hasha
                     lam = float(mix_rng.beta(params.mixup, params.mixup))
                     perm = torch.from_numpy(mix_rng.permutation(len(idx)))
                 for key in active:
+                    torch.set_rng_state(streams[key])
                     batch = _batch(tx[key], idx, per_key[key])
                     with train_autocast(params):
                         if params.mixup:
@@ -322,6 +326,7 @@ def fit_candidates(models: Mapping[Hashable, EdgeMethod], train_x: Mapping[Hasha
                     loss.backward()
                     opts[key].step()
                     scheds[key].step()
+                    streams[key] = torch.get_rng_state()
                     if key in emas:
                         emas[key].update(models[key], step=(epoch - 1) * steps_per_epoch + s + 1)
                     losses[key] += float(loss.detach()) * len(idx) / n
