@@ -64,7 +64,8 @@ def test_fit_candidates_with_halving_stops_the_worse_half_at_the_rung() -> None:
     survivors = [d for d, n in runs.items() if n > 1]
     assert min(after_one[d] for d in survivors) >= max(after_one[d] for d in runs if runs[d] == 1)
     no_halving = fit_candidates({d: _model(d) for d in (1, 2, 3, 4)}, rows, y,
-                                TrainParams(epochs=5, batch_size=24, min_steps=0, patience=20, prune_margin=None),
+                                TrainParams(epochs=5, batch_size=24, min_steps=0, patience=20, prune_margin=None,
+                                            halving=False),
                                 {d: x[:24] for d in models}, y[:24])
     assert all(r.epochs_run == 5 for r in no_halving.values())
 
@@ -148,6 +149,7 @@ def test_mixup_is_seeded_and_changes_training() -> None:
 ])
 def test_refit_epochs_floor(best: int, rows: int, floor: int, want: int) -> None:
     assert refit_epochs(best, rows, TrainParams(refit_min_steps=floor)) == want
+    assert refit_epochs(best, rows, TrainParams(min_steps=floor)) == want  # the default follows --min-steps
     assert want * math.ceil(rows / 32) >= floor
 
 

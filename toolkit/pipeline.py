@@ -273,7 +273,7 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
     if req.refit:
         epochs = refit_epochs(best.best_epoch, len(y_train) + len(y_val), req.params)  # type: ignore[arg-type]
         if epochs > best.best_epoch:
-            log(f"refit: best val epoch {best.best_epoch} is under --refit-min-steps {req.params.refit_min_steps} "
+            log(f"refit: best val epoch {best.best_epoch} is under --refit-min-steps {req.params.refit_floor} "
                 f"optimiser steps on {len(y_train) + len(y_val)} rows")  # type: ignore[arg-type]
         log(f"refit on train + val for {epochs} epochs ({cls.depth_name}={chosen})")
         final = build(chosen)
@@ -290,11 +290,12 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
 
 
 def refit_epochs(best_epoch: int, rows: int, params: TrainParams) -> int:
-    """Epochs of the refit on train + val: the best val epoch, but at least `params.refit_min_steps` optimiser
-    steps over `rows` rows. Why a floor: on a tiny val set (faces2: 27 images) val top-1 saturates early, the
-    best epoch says little, and a refit of 30-100 steps from scratch under-trains (BENCHMARKS.md, accuracy)."""
+    """Epochs of the refit on train + val: the best val epoch, but at least `params.refit_floor` optimiser steps
+    (default: `min_steps`) over `rows` rows. Why a floor: on a tiny val set (faces2: 27 images) val top-1 saturates
+    early, the best epoch says little, and a refit of 30-100 steps from scratch under-trains; val cannot judge a
+    refit (it is in the refit's data), so the floor is the search's own rule, not a value chosen on val."""
     steps = max(1, math.ceil(rows / params.batch_size))
-    return max(1, best_epoch, math.ceil(params.refit_min_steps / steps))
+    return max(1, best_epoch, math.ceil(params.refit_floor / steps))
 
 
 def _report_and_save(req: TrainRequest, spec: Any, classes: tuple[str, ...], final: EdgeMethod, depth: int | None,

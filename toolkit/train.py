@@ -65,10 +65,10 @@ class TrainParams:
     prune_margin: float | None = 0.1  # stop a candidate trailing the best val top-1 by more than this
     prune_after: int = 3  # ... once it has trained this many epochs
     precision: str = "fp32"  # "bf16": training forward/backward under CPU bf16 autocast (see train_autocast)
-    halving: bool = False  # k search: at prune_after x 1, 2, 4, ... epochs keep only the better half of candidates
+    halving: bool = True  # k search: at prune_after x 1, 2, 4, ... epochs keep only the better half of candidates
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); the average is kept
     mixup: float = 0.0  # Beta(a, a) feature mixup on cached rows (0: off)
-    refit_min_steps: int = 0  # the refit on train + val trains at least this many optimiser steps
+    refit_min_steps: int | None = None  # the refit on train + val trains at least this many steps (None: min_steps)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -93,13 +93,19 @@ class TrainParams:
             raise UsageError(f"--ema must be in [0, 1) (a decay; 0 is off), got {self.ema}")
         if self.mixup < 0:
             raise UsageError(f"--mixup must be >= 0 (a Beta alpha; 0 is off), got {self.mixup}")
-        if self.refit_min_steps < 0:
+        if self.refit_min_steps is not None and self.refit_min_steps < 0:
             raise UsageError(f"--refit-min-steps must be >= 0, got {self.refit_min_steps}")
         if self.precision not in ("fp32", "bf16"):
             raise UsageError(f"--train-precision must be fp32 or bf16, got {self.precision!r}")
         if self.precision == "bf16" and not cpu_has_bf16():
             raise UsageError("--train-precision bf16: this CPU has no bf16 instructions (avx512_bf16 or AMX); "
                              "use fp32")
+
+    @property
+    def refit_floor(self) -> int:
+        """Optimiser steps the refit on train + val takes at least: `refit_min_steps`, by default `min_steps` (a
+        refit is a training run like the search; see pipeline.refit_epochs for why it needs the floor)."""
+        return self.min_steps if self.refit_min_steps is None else self.refit_min_steps
 
     def for_rows(self, n: int) -> TrainParams:
         """These settings for `n` training rows with the `min_steps` floor applied (and then switched off, so a

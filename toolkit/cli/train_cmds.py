@@ -69,16 +69,16 @@ def train(
         help="k search: epochs before --prune-margin applies (scaled with --min-steps)")] = 3,
     halving: Annotated[bool, typer.Option(
         "--halving/--no-halving", help="k search: at --prune-after x 1, 2, 4, ... epochs keep only the better half "
-        "of the candidates (successive halving)")] = False,
+        "of the candidates (successive halving)")] = True,
     ema: Annotated[float, typer.Option(
         help="Keep an exponential moving average of the weights with this decay, and use it (0: off)")]
     = 0.0,
     mixup: Annotated[float, typer.Option(
         help="Mixup on cached features: Beta(a, a) mixtures of two rows and their labels (0: off)")]
     = 0.0,
-    refit_min_steps: Annotated[int, typer.Option(
-        help="The refit on train + val trains at least this many optimiser steps (0: exactly the best val epoch)")]
-    = 0,
+    refit_min_steps: Annotated[int | None, typer.Option(
+        help="The refit on train + val trains at least this many optimiser steps (0: exactly the best val epoch's "
+             "count) [default: --min-steps]")] = None,
     cls_token: Annotated[bool, typer.Option(
         "--cls-token/--no-cls-token", help="mist: also send the backbone's final-norm cls token and concatenate it "
         "to the LAE embedding before the head (our extension, not the paper's: D more values per image, 768 B fp16 "
