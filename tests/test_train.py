@@ -63,7 +63,7 @@ def test_candidates_stop_early_independently() -> None:
     vnoise = {"signal": vx, "noise": np.random.default_rng(6).normal(size=vx.shape).astype(np.float16)}
     models = {"signal": _lae(), "noise": _lae()}
     res = fit_candidates(models, noise, y, TrainParams(epochs=20, min_steps=0, lr=1e-2, patience=3,
-                                                                   prune_margin=None), vnoise, vy)
+                                                       prune_margin=None, halving=False), vnoise, vy)
     assert res["signal"].best_val_top1 > res["noise"].best_val_top1 + 0.3
     assert res["noise"].epochs_run == res["noise"].best_epoch + 3 < 20  # stopped 3 epochs after its best
     for r in res.values():
@@ -75,7 +75,7 @@ def test_prune_margin_stops_trailing_candidates_early() -> None:
     vx, vy = _blobs(64, seed=1)
     feats = {"signal": x, "noise": np.random.default_rng(5).normal(size=x.shape).astype(np.float16)}
     vfeats = {"signal": vx, "noise": np.random.default_rng(6).normal(size=vx.shape).astype(np.float16)}
-    params = TrainParams(epochs=8, min_steps=0, lr=1e-2, patience=8, prune_margin=0.2, prune_after=2)
+    params = TrainParams(epochs=8, min_steps=0, lr=1e-2, patience=8, prune_margin=0.2, prune_after=2, halving=False)
     res = fit_candidates({"signal": _lae(), "noise": _lae()}, feats, y, params, vfeats, vy)
     assert res["noise"].epochs_run == 2 and res["noise"].history[-1]["pruned"] == 1.0
     assert res["signal"].epochs_run == 8  # the leader is never pruned
