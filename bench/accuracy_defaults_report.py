@@ -4,11 +4,12 @@ Per task and method: val and test top-1 as mean ± sample sd over the seeds (eve
 chosen k per seed, the top-level seed (best val), and train seconds (k search + refit, from the cache) per seed,
 also in backbone passes when bench/accuracy_cost.py has written cost.json.
 
-    .venv/bin/python bench/accuracy_defaults_report.py
+    .venv/bin/python bench/accuracy_defaults_report.py [--work bench/work/levers]   # lever runs: TASK-METHOD-TAG
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -20,11 +21,14 @@ def _pm(stat: dict | None) -> str:
 
 
 def main() -> None:
-    cost = json.loads((WORK / "cost.json").read_text()) if (WORK / "cost.json").is_file() else None
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=WORK, help="the accuracy_defaults.sh WORK folder")
+    work = ap.parse_args().work
+    cost = json.loads((work / "cost.json").read_text()) if (work / "cost.json").is_file() else None
     print("| task | method | seeds | val top-1 % | test top-1 % | test per seed | k per seed | checkpoint seed | "
           "train s per seed | backbone passes per seed | wall | load (start / end) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for rep in sorted(WORK.glob("*/report.json")):
+    for rep in sorted(work.glob("*/report.json")):
         text = rep.read_text().strip()
         if not text:
             continue
