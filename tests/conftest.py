@@ -5,13 +5,6 @@ Everything is offline, seeded and written under pytest's tmp paths; nothing need
 
 from __future__ import annotations
 
-import os
-
-# One torch/OpenMP thread for the suite and the CLIs it starts, set before anything imports torch. Why: the tests'
-# products are tiny, and on a busy 2-core host two spinning OpenMP threads per process made one 8-candidate fit
-# take 80 s instead of 0.4 s (tests/test_train_levers.py, measured at load 4). Thread-count tests set theirs.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 from pathlib import Path
 
 import pytest
