@@ -61,7 +61,8 @@ def _request(a: argparse.Namespace, device: str, methods: str) -> object:
 
 def _fmt_row(r: dict, best: dict | None) -> list[object]:
     if r.get("error"):
-        return [r["method"], r["codec"], "-", "-", "-", "-", "-", "-", "-", "-", "-", f"skipped: {r['error'][:60]}"]
+        why = r["error"].split(";")[0][:100]  # the error's first clause: the reason, not the advice
+        return [r["method"], r["codec"], "-", "-", "-", "-", "-", "-", "-", "-", "-", f"skipped: {why}"]
     mark = "**BEST**" if best is not None and r is best else ("yes" if r["fits"] else f"no ({r['why_not']})")
     return [r["method"], r["codec"], "-" if r["k"] is None else r["k"], f"{100 * r['val_top1']:.2f}",
             "-" if r.get("test_top1") is None else f"{100 * r['test_top1']:.2f}", f"{r['bytes_per_image']:,}",
@@ -80,8 +81,9 @@ def _section(a: argparse.Namespace, results: dict[str, object], seconds: dict[st
         "Protocol: one fp32 feature cache (train800, val200, test: every method's candidate tensors in one backbone "
         "pass); each method searches its own depth on train800 -> val200 with fp32 features (MIST k in {4, 8, 12}, "
         "vitsplit's split in {9, 10, 11}; vitsplit-lite, losa and linear have one candidate); every (method, codec) "
-        "pair is then trained at that depth on the codec's round trip with `train`'s defaults (refit on train + val "
-        "when the defaults say so), exported (`export --split --quantize int8`, the exporter's agreement gate), and "
+        "pair is then trained at that depth on the codec's round trip with `train`'s defaults except the refit "
+        "(compare keeps val held out: it chooses the rows and gates the int8 export, so test numbers here are "
+        "without refit), exported (`export --split --quantize int8`, the exporter's agreement gate), and "
         "measured. Val top-1 chooses; test (2,000 images) is reported and never used to choose. Edge ms: the "
         "bundle's int8 edge graph at batch 1 on this x86 host with the profile's threads capped at this host's 2 "
         "cores: a host timing that ranks rows, not the device's latency. Peak RSS: `run-edge` and `finetune-edge` "
