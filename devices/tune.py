@@ -89,8 +89,12 @@ def _timing_inputs(bundle: Any, features: str | os.PathLike[str] | None, rows: i
     return out
 
 
+AGREEMENT_ROWS = 500  # rows of a features file the agreement gate reads: on 32 rows one flip is 96.9% < 0.99
+
+
 def tune(bundle_dir: str | os.PathLike[str], profile: Any, features: str | os.PathLike[str] | None = None,
-         rounds: int = 9, rows: int = 32, save: bool = True) -> dict[str, Any]:
+         rounds: int = 9, rows: int = 32, save: bool = True,
+         agreement_rows: int = AGREEMENT_ROWS) -> dict[str, Any]:
     """Time every candidate edge graph at batch 1 with the profile's threads; record and return the choice."""
     from mist_kit.runtime.bundle import open_edge_bundle
     from mist_kit.runtime.edge_session import EdgeSession, SessionSettings, litert_available
@@ -112,12 +116,16 @@ def tune(bundle_dir: str | os.PathLike[str], profile: Any, features: str | os.Pa
     inputs = _timing_inputs(base, features, rows)
     ms = _interleaved(sessions, inputs, rounds)
     min_agreement = float((manifest["edge"].get("quantization") or {}).get("min_agreement", 0.99))
-    agreement = _agreement(sessions, inputs, manifest, measured=features is not None)
+    if features is not None:
+        agreement, n_agree = _measured_agreement(sessions, features, manifest, agreement_rows)
+    else:
+        agreement, n_agree = _agreement(sessions, inputs, manifest, measured=False), None
     passing = {v: t for v, t in ms.items() if agreement[v] >= min_agreement}
     best = min(passing, key=passing.__getitem__) if passing else "fp32"
     record = {"variant": best, "file": files[best], "sha256": manifest["files"][files[best]]["sha256"],
               "threads": threads, "ms_per_image": {v: round(t, 4) for v, t in ms.items()},
               "agreement": agreement, "agreement_source": "features" if features is not None else "manifest",
+              "agreement_rows": n_agree,
               "min_agreement": min_agreement, "skipped": skipped,
               "tuned_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if threads_note:
@@ -142,6 +150,25 @@ def _interleaved(sessions: dict[str, Any], inputs: list[dict[str, np.ndarray]], 
                 s.embed(x)
             times[v].append((time.perf_counter() - t0) / len(inputs) * 1000)
     return {v: float(np.median(t)) for v, t in times.items()}
+
+
+def _measured_agreement(sessions: dict[str, Any], features: str | os.PathLike[str], manifest: dict[str, Any],
+                        limit: int, chunk: int = 8) -> tuple[dict[str, float], int]:
+    """Top-1 agreement of each variant with the fp32 graph on the first `limit` rows of a features file, read
+    `chunk` rows at a time (a ViT-Split fp32 row is 2 MB: memory stays a few rows whatever `limit` is). Why not the
+    timing rows: 32 of them cannot pass a 0.99 gate with a single flipped prediction."""
+    from mist_kit.runtime.features_file import read_features
+
+    f = read_features(features, manifest)
+    n = min(f.n, limit)
+    same = dict.fromkeys(sessions, 0)
+    for start in range(0, n, chunk):
+        data = f.read(start, min(n, start + chunk))
+        rows = [{k: v[i:i + 1] for k, v in data.items()} for i in range(len(next(iter(data.values()))))]
+        logits = {v: np.concatenate([s.logits(x) for x in rows]).argmax(1) for v, s in sessions.items()}
+        for v in sessions:
+            same[v] += int(np.sum(logits[v] == logits["fp32"]))
+    return {v: same[v] / max(n, 1) for v in sessions}, n
 
 
 def _agreement(sessions: dict[str, Any], inputs: list[dict[str, np.ndarray]], manifest: dict[str, Any],

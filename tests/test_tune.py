@@ -113,3 +113,33 @@ def test_manifest_records_each_nodes_int8_decision(tiny_bundle: Path) -> None:
     assert set(recorded) == matmuls and all(n["why"] for n in recorded.values())
     int8 = sorted(n for n, d in recorded.items() if d["int8"])
     assert int8 and (q["quantized_nodes"] is None or sorted(q["quantized_nodes"]) == int8)
+
+
+def test_tune_gates_on_many_feature_rows_not_the_timing_rows(bundle_copy: Path, tmp_path: Path) -> None:
+    """With --features, agreement is measured on up to `agreement_rows` rows of the file (read in chunks), not on
+    the handful of timing rows, where one flipped prediction fails a 0.99 gate."""
+    from mist_kit.devices.tune import tune
+    from mist_kit.runtime.bundle import open_edge_bundle
+    from mist_kit.runtime.edge_session import EdgeSession, SessionSettings
+    from mist_kit.runtime.features_file import read_features, write_features
+
+    man = open_edge_bundle(bundle_copy).manifest
+    rng = np.random.default_rng(11)
+    n = 41
+    tensors = {}
+    for out in man["cloud"]["outputs"]:
+        shape, dtype = (n, *[int(d) for d in out["shape"][1:]]), np.dtype(out["dtype"])
+        tensors[out["name"]] = (rng.standard_normal(shape).astype(dtype) if dtype.kind == "f"
+                                else rng.integers(-100, 101, shape).astype(dtype))
+    path = write_features(tmp_path / "f.safetensors", man, tensors, [f"s{i}" for i in range(n)],
+                          np.zeros(n, np.int64))
+    report = tune(bundle_copy, get_device("generic-x86"), features=path, rounds=1, rows=4, agreement_rows=37)
+    assert report["agreement_rows"] == 37 and report["agreement_source"] == "features"
+    data = read_features(path, man).read(0, 37)
+    argmax = {}
+    for variant in ("int8", "fp32"):
+        s = EdgeSession(open_edge_bundle(bundle_copy, variant=variant), SessionSettings(threads=1, use_tune=False))
+        argmax[variant] = np.array([s.logits({k: v[i:i + 1] for k, v in data.items()}).argmax() for i in range(37)])
+    assert report["agreement"]["int8"] == pytest.approx(float(np.mean(argmax["int8"] == argmax["fp32"])))
+    assert report["agreement"]["fp32"] == 1.0
+    assert tune(bundle_copy, get_device("generic-x86"), features=path, rounds=1, rows=4)["agreement_rows"] == n

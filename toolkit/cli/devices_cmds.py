@@ -88,6 +88,9 @@ def tune_cmd(bundle: Annotated[Path, typer.Argument(help="Bundle directory (mist
                  "--features", help="Features file (extract output) to time on and to measure agreement with; "
                                     "else seeded inputs and the agreement export recorded")] = None,
              rounds: Annotated[int, typer.Option("--rounds", help="Interleaved timing rounds", min=1)] = 9,
+             agreement_rows: Annotated[int, typer.Option(
+                 "--agreement-rows", min=1, help="With --features: rows the agreement gate reads (all if fewer)")]
+             = 500,
              memory: Annotated[int | None, typer.Option("--memory", help="RAM in MB (another variant)")] = None,
              json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout")] = False) -> None:
     """Time the bundle's edge graphs (int8, fp32, LiteRT) here with the profile's threads; record the fastest that
@@ -95,7 +98,8 @@ def tune_cmd(bundle: Annotated[Path, typer.Argument(help="Bundle directory (mist
     from mist_kit.devices import get_device
     from mist_kit.devices.tune import tune
 
-    report = tune(bundle, get_device(device, memory), features=features, rounds=rounds)
+    report = tune(bundle, get_device(device, memory), features=features, rounds=rounds,
+                  agreement_rows=agreement_rows)
     if json_out:
         print_json(report)
         return
