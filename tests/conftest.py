@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 import two_tensor_method  # noqa: F401  (registers the two-tensor test method for every test)
+from hypothesis import settings as _hypothesis_settings
+
+# hypothesis draws its examples from each test's source, not from a random seed: every run tests the same inputs
+_hypothesis_settings.register_profile("deterministic", derandomize=True)
+_hypothesis_settings.load_profile("deterministic")
 
 pytest_plugins = ["small_cache_data"]  # small_list, backbone: the cache tests' private digits and tiny ViT
 
