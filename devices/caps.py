@@ -113,6 +113,14 @@ def _warm_blas() -> None:
     _ = a @ a
 
 
+def _load_onnxruntime() -> None:
+    """Load onnxruntime's library before the cap: its static initialisers (operator schema registration) allocate
+    on load, and a failed allocation there prints "Schema error: std::bad_alloc" or crashes the process (seen
+    with OMP_NUM_THREADS=1 under a 200 MB cap), bypassing the one-line error. A no-op where it is not installed."""
+    with contextlib.suppress(ImportError):
+        import onnxruntime  # noqa: F401
+
+
 @contextlib.contextmanager
 def device_caps(profile: DeviceProfile, memory_cap_mb: int | None = None,
                 apply_cap: bool = True) -> Iterator[Emulation]:
@@ -142,6 +150,7 @@ def device_caps(profile: DeviceProfile, memory_cap_mb: int | None = None,
         limit = hard
     _limit_malloc_arenas()
     _warm_blas()
+    _load_onnxruntime()
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     try:
         yield emu

@@ -117,3 +117,19 @@ def test_oom_text_recognised():
     assert looks_like_oom(MemoryError())
     assert looks_like_oom(RuntimeError("onnxruntime: bad_alloc"))
     assert not looks_like_oom(RuntimeError("invalid graph"))
+
+
+def test_onnxruntime_is_loaded_before_the_memory_cap() -> None:
+    """onnxruntime's static initialisers allocate when its library loads; loaded under the cap they printed
+    "Schema error: std::bad_alloc" or crashed (OMP_NUM_THREADS=1, 200 MB cap) instead of the one-line error."""
+    import subprocess
+    import sys
+
+    code = ("import resource, sys\n"
+            "from mist_kit.devices import get_device\n"
+            "from mist_kit.devices.caps import device_caps\n"
+            "with device_caps(get_device('rpi4'), memory_cap_mb=4000) as emu:\n"
+            "    print(emu.memory_cap_mb, 'onnxruntime' in sys.modules,\n"
+            "          resource.getrlimit(resource.RLIMIT_AS)[0] == 4000 * 1024 * 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["4000", "True", "True"], out.stdout + out.stderr
