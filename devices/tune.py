@@ -69,14 +69,17 @@ def _variant_files(manifest: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def _single_rows(data: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Batch-1 inputs, one per row of a features read."""
+    return [{k: v[i:i + 1] for k, v in data.items()} for i in range(len(next(iter(data.values()))))]
+
+
 def _timing_inputs(bundle: Any, features: str | os.PathLike[str] | None, rows: int) -> list[dict[str, np.ndarray]]:
     """Batch-1 inputs: rows of a features file, else seeded values of the graph's input dtypes (timing only)."""
     if features is not None:
         from mist_kit.runtime.features_file import read_features
 
-        f = read_features(features, bundle.manifest)
-        data = f.read(0, rows)
-        return [{k: v[i:i + 1] for k, v in data.items()} for i in range(len(next(iter(data.values()))))]
+        return _single_rows(read_features(features, bundle.manifest).read(0, rows))
     rng = np.random.default_rng(0)
     out = []
     for _ in range(rows):
@@ -119,7 +122,7 @@ def tune(bundle_dir: str | os.PathLike[str], profile: Any, features: str | os.Pa
     if features is not None:
         agreement, n_agree = _measured_agreement(sessions, features, manifest, agreement_rows)
     else:
-        agreement, n_agree = _agreement(sessions, inputs, manifest, measured=False), None
+        agreement, n_agree = _recorded_agreement(sessions, manifest), None
     passing = {v: t for v, t in ms.items() if agreement[v] >= min_agreement}
     best = min(passing, key=passing.__getitem__) if passing else "fp32"
     record = {"variant": best, "file": files[best], "sha256": manifest["files"][files[best]]["sha256"],
@@ -163,22 +166,16 @@ def _measured_agreement(sessions: dict[str, Any], features: str | os.PathLike[st
     n = min(f.n, limit)
     same = dict.fromkeys(sessions, 0)
     for start in range(0, n, chunk):
-        data = f.read(start, min(n, start + chunk))
-        rows = [{k: v[i:i + 1] for k, v in data.items()} for i in range(len(next(iter(data.values()))))]
+        rows = _single_rows(f.read(start, min(n, start + chunk)))
         logits = {v: np.concatenate([s.logits(x) for x in rows]).argmax(1) for v, s in sessions.items()}
         for v in sessions:
             same[v] += int(np.sum(logits[v] == logits["fp32"]))
     return {v: same[v] / max(n, 1) for v in sessions}, n
 
 
-def _agreement(sessions: dict[str, Any], inputs: list[dict[str, np.ndarray]], manifest: dict[str, Any],
-               measured: bool) -> dict[str, float]:
-    """Top-1 agreement of each variant with the fp32 graph (the bundle head): measured on real rows, or the
-    agreement export recorded for edge.onnx (fp32 is the reference; edge.tflite carries its own report)."""
-    if measured:
-        ref = np.concatenate([sessions["fp32"].logits(x) for x in inputs]).argmax(1)
-        return {v: float(np.mean(np.concatenate([s.logits(x) for x in inputs]).argmax(1) == ref))
-                for v, s in sessions.items()}
+def _recorded_agreement(sessions: dict[str, Any], manifest: dict[str, Any]) -> dict[str, float]:
+    """Top-1 agreement of each variant with the fp32 graph as export measured it on real held-out data (fp32 is
+    the reference; edge.tflite carries its own report): the gate when no features file is given."""
     parity = manifest.get("parity", {})
     tfl = (manifest["edge"].get("tflite_report") or {}).get("agreement")
     out = {"fp32": 1.0, "int8": float(parity.get("edge_top1_agreement", 0.0))}

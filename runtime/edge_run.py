@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from mist_kit.devices.budget import edge_cost
 from mist_kit.devices.caps import Emulation, device_caps, looks_like_oom, memory_exceeded, peak_rss_mb
 from mist_kit.devices.profiles import DeviceProfile, get_device
 from mist_kit.errors import InputError, MistError
@@ -160,8 +161,7 @@ def embed_labelled(session: EdgeSession, ff: FeaturesFile, batch: int = 32) -> t
     keep = labels >= 0
     y = labels[keep].astype(np.int64)
     x = np.empty((len(y), e), np.float32)
-    act = int(session.bundle.manifest.get("edge", {}).get("activation_bytes") or 0)
-    pos, step = 0, chunk_rows(ff, batch, activation_bytes=act)
+    pos, step = 0, chunk_rows(ff, batch, activation_bytes=edge_cost(session.bundle.manifest)[2])
     for start in range(0, ff.n, step):
         k = keep[start:start + step]
         if not k.any():
