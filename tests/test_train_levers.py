@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from mist_kit.edge import create_edge_method
+from mist_kit.edge.lae import LowRankAttentionEdge
 from mist_kit.errors import UsageError
-from mist_kit.pipeline import refit_epochs
+from mist_kit.pipeline import choose_depth, refit_epochs
 from mist_kit.runtime.plan import BackboneShape
 from mist_kit.train import FitResult, TrainParams, fit, fit_candidates, halve, halving_rung, mix_batch
 
@@ -49,6 +50,22 @@ def test_halve_keeps_the_better_half_ties_to_lower_loss() -> None:
     assert halve(results, set(results)) == {12, 8, 4}  # 5 alive -> 3 kept: 0.7 (loss 0.8), 0.7 (0.9), 0.5
     assert halve(results, {4, 16}) == {4}
     assert halve(results, {16}) == {16}
+
+
+def test_choose_depth_ties_go_to_the_cheaper_cloud_then_the_lower_val_loss() -> None:
+    """A tie in val top-1 is settled by the blocks the cloud runs; where every plan runs the same blocks (the default
+    cls token needs all N), by the lower val loss; only then by the shallower depth."""
+    results = {1: _res(1.0, 0.30), 2: _res(1.0, 0.10), 3: _res(1.0, 0.20), 4: _res(0.9, 0.01)}
+
+    def plans(cls_token: bool) -> dict:
+        return {d: LowRankAttentionEdge.cloud_plan(SHAPE, d, {"cls_token": cls_token}) for d in results}
+
+    assert {p.blocks for p in plans(True).values()} == {4}  # the final-norm cls token: every k runs 4 blocks
+    assert choose_depth(results, plans(True)) == 2  # 100% everywhere but k = 4: lowest val loss among the tied
+    assert choose_depth(results, plans(False)) == 1  # the k = 1 plan runs 1 block: the cheapest of the tied
+    assert choose_depth({**results, 2: _res(1.0, 0.3), 3: _res(1.0, 0.3)}, plans(True)) == 1  # equal loss: shallower
+    assert choose_depth({**results, 4: _res(1.0, 0.01)}, plans(True)) == 4  # no cost difference: loss decides
+    assert choose_depth({1: _res(None, None), 2: _res(None, None)}, plans(True)) == 1  # no val at all
 
 
 def test_fit_candidates_with_halving_stops_the_worse_half_at_the_rung() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -263,8 +263,7 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
                              cache_root)
     results = _with_threads(req.train_threads, lambda: fit_candidates(models, tx, y_train, req.params, vx, y_val,
                                                                        transforms, on_epoch))
-    # best val top-1; ties go to the shallower depth (fewer cloud blocks, less cloud compute per image)
-    chosen = min(depths, key=lambda d: (-(results[d].best_val_top1 or 0.0), -1 if d is None else d))
+    chosen = choose_depth(results, plans)
     search = {} if depths == [None] else {
         str(d): {"val_top1": results[d].best_val_top1, "best_epoch": results[d].best_epoch,
                  "epochs_run": results[d].epochs_run} for d in depths}
@@ -287,6 +286,24 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
                             {"val_top1": val_top1, "val_loss": best.best_val_loss,
                              "epochs_run": {str(d): r.epochs_run for d, r in results.items()}, "k_search": search,
                              "refit_epochs": epochs if req.refit else None}, {})
+
+
+def choose_depth(results: Mapping[int | None, Any], plans: Mapping[int | None, CloudPlan]) -> int | None:
+    """The searched depth that wins: best val top-1; ties go to the plan whose cloud runs fewer blocks (less cloud
+    compute per image), then to the lower val loss, then to the shallower depth.
+
+    Why cost before loss, and loss before depth: with `--no-cls-token` MIST's k = 4 plan runs 4 blocks and k = 12
+    runs 12, so a tie is settled by what the cloud pays. With the default cls token every plan runs all N blocks
+    (the final-norm cls token needs them), the bytes sent are equal too, and "the smaller k" saves nothing; a tiny
+    val set (faces2: 27 images) then ties at 100% for every k, and the val loss is the one signal left that has not
+    saturated, as it already is for the best epoch, the halving and the seed choice.
+    """
+    def key(d: int | None) -> tuple[float, int, float, int]:
+        r = results[d]
+        return (-(r.best_val_top1 or 0.0), plans[d].blocks,
+                math.inf if r.best_val_loss is None else r.best_val_loss, -1 if d is None else d)
+
+    return min(results, key=key)
 
 
 def refit_epochs(best_epoch: int, rows: int, params: TrainParams) -> int:
