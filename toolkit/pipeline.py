@@ -64,6 +64,7 @@ class TrainRequest:
     train_threads: int = 1  # torch threads while training edge networks (see _with_threads)
     progress: bool = True
     seeds: tuple[int, ...] | None = None  # several: one model per seed (OUT/seed-N), mean and sd (run_seeds)
+    probe_init: bool = False  # start each head from the linear probe on the final-norm cls token (mist --cls-token)
 
     def __post_init__(self) -> None:
         if self.weights is not None and self.pretrained:
@@ -76,6 +77,11 @@ class TrainRequest:
             raise UsageError("--refit retrains on train + val: it needs --val DATA")
         if self.refit is None:  # frozen: resolve the default once, so reports and checkpoints record a bool
             object.__setattr__(self, "refit", self.val is not None)
+        if self.probe_init and cls.probe_input(self.method_params) is None:
+            raise UsageError(f"--probe-init starts the head from a linear probe on the final-norm cls token: method "
+                             f"{self.method!r} with these parameters does not read it raw (mist: --cls-token)")
+        if self.probe_init and self.val is None:
+            raise UsageError("--probe-init chooses the probe's C on validation data: pass --val DATA")
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             raise UsageError(f"--seeds must list distinct integers, got {list(self.seeds)}")
         if self.backbone_precision not in ("fp32", "bf16"):
@@ -250,6 +256,7 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
         return method
 
     models = {d: build(d) for d in depths}
+    probe_c = _probe_init(models, tx, vx, y_train, y_val, transforms, req, log) if req.probe_init else None
 
     def on_epoch(epoch: int, rows: dict) -> None:
         parts = [f"{cls.depth_name}={d}: loss {r['loss']:.3f}" + (f" val {r['val_top1']:.3f}" if "val_top1" in r
@@ -276,6 +283,8 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
                 f"optimiser steps on {len(y_train) + len(y_val)} rows")  # type: ignore[arg-type]
         log(f"refit on train + val for {epochs} epochs ({cls.depth_name}={chosen})")
         final = build(chosen)
+        if probe_c is not None:
+            _refit_probe_init(final, tx[chosen], vx[chosen], y_train, y_val, transforms[chosen], probe_c, req)  # type: ignore[index, arg-type]
         # the search's schedule (min_steps applied for the train rows, warmup included), cut at the best epoch
         refit_params = replace(req.params.for_rows(len(y_train)), epochs=epochs)
         _with_threads(req.train_threads, lambda: fit(final, tx[chosen] + vx[chosen],  # type: ignore[index]
@@ -285,7 +294,9 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
                             splits, lists, cache_seconds, skipped, t_start, t_train, codec, cache_root,
                             {"val_top1": val_top1, "val_loss": best.best_val_loss,
                              "epochs_run": {str(d): r.epochs_run for d, r in results.items()}, "k_search": search,
-                             "refit_epochs": epochs if req.refit else None}, {})
+                             "refit_epochs": epochs if req.refit else None,
+                             **({"probe_init": {"C": probe_c}} if probe_c is not None else {})},
+                            {"probe_init": req.probe_init})
 
 
 def choose_depth(results: Mapping[int | None, Any], plans: Mapping[int | None, CloudPlan]) -> int | None:
@@ -304,6 +315,47 @@ def choose_depth(results: Mapping[int | None, Any], plans: Mapping[int | None, C
                 math.inf if r.best_val_loss is None else r.best_val_loss, -1 if d is None else d)
 
     return min(results, key=key)
+
+
+def first_rows(x: InputRows, name: str, transforms: Any) -> np.ndarray:
+    """Row 0 of tensor `name` for every image, after the codec's round trip: (N, D), what a linear probe reads."""
+    return x.batch(np.arange(len(x)), transforms)[name][:, 0]
+
+
+def _probe_init(models: dict[int | None, EdgeMethod], tx: dict[Any, InputRows], vx: dict[Any, InputRows] | None,
+                y_train: np.ndarray, y_val: np.ndarray | None, transforms: dict[Any, Any], req: TrainRequest,
+                log: Log) -> float:
+    """`--probe-init` for the search: the linear probe (C chosen on val, fitted on train only) becomes every
+    candidate's starting head. One probe per distinct round trip of the cls tensor (fp32: one for all k).
+    Returns the chosen C; the refit's probe reuses it on train + val."""
+    from mist_kit.linear_probe import fit_linear_probe
+
+    fitted: dict[int, Any] = {}
+    for d, model in models.items():
+        name = model.probe_input(model.hparams())
+        assert name is not None and vx is not None and y_val is not None  # TrainRequest checked both
+        key = id(transforms[d].get(name))
+        if key not in fitted:
+            fitted[key] = fit_linear_probe(first_rows(tx[d], name, transforms[d]), y_train,
+                                           first_rows(vx[d], name, transforms[d]), y_val, seed=req.params.seed,
+                                           refit=False, num_classes=model.num_classes)
+        model.init_head_from_probe(fitted[key].weight, fitted[key].bias)
+    res = next(iter(fitted.values()))
+    log(f"probe init: every head starts from the linear probe, C={res.C:g} chosen on val (val top-1 "
+        f"{res.val_top1_by_C[res.C]:.3f})")
+    return res.C
+
+
+def _refit_probe_init(final: EdgeMethod, tx: InputRows, vx: InputRows, y_train: np.ndarray, y_val: np.ndarray,
+                      transforms: Any, c: float, req: TrainRequest) -> None:
+    """`--probe-init` for the refit: the probe with the search's C, refitted on train + val, starts the head."""
+    from mist_kit.linear_probe import fit_linear_probe
+
+    name = final.probe_input(final.hparams())
+    assert name is not None
+    res = fit_linear_probe(first_rows(tx, name, transforms), y_train, first_rows(vx, name, transforms), y_val,
+                           Cs=(c,), seed=req.params.seed, refit=True, num_classes=final.num_classes)
+    final.init_head_from_probe(res.weight, res.bias)
 
 
 def refit_epochs(best_epoch: int, rows: int, params: TrainParams) -> int:
@@ -371,12 +423,8 @@ def _finish_probe(req: TrainRequest, spec: Any, classes: tuple[str, ...], plan: 
     from mist_kit.linear_probe import fit_linear_probe
 
     (name,) = plan.names
-
-    def rows(x: InputRows) -> np.ndarray:
-        return x.batch(np.arange(len(x)), transforms)[name][:, 0]  # (N, D): the one cls token
-
-    res = fit_linear_probe(rows(tx), y_train, rows(vx), y_val, seed=req.params.seed, refit=req.refit,
-                           num_classes=len(classes))
+    res = fit_linear_probe(first_rows(tx, name, transforms), y_train, first_rows(vx, name, transforms), y_val,
+                           seed=req.params.seed, refit=req.refit, num_classes=len(classes))
     log(f"linear probe: C={res.C:g} chosen on val (val top-1 {res.val_top1_by_C[res.C]:.3f})"
         + ("; refit on train + val" if req.refit else ""))
     final = build(None)

@@ -83,6 +83,9 @@ def train(
         "--cls-token/--no-cls-token", help="mist: also send the backbone's final-norm cls token and concatenate it "
         "to the LAE embedding before the head (our extension, not the paper's: D more values per image, 768 B fp16 "
         "for ViT-S; chosen on val, BENCHMARKS.md)")] = True,  # = mist's train_defaults (a test holds them equal)
+    probe_init: Annotated[bool, typer.Option(
+        "--probe-init/--no-probe-init", help="mist --cls-token: start every head from the linear probe on the cls "
+        "token (C chosen on val; the LAE half of the head starts at zero)")] = False,
     dropout: Annotated[float | None, typer.Option(
         help="mist / vitsplit dropout on the pooled embedding [default: the method's: mist 0.1, vitsplit 0]")] = None,
     refit: Annotated[bool | None, typer.Option(
@@ -148,7 +151,7 @@ def train(
                            prune_margin=prune_margin, prune_after=prune_after, halving=halving, ema=ema,
                            mixup=mixup, refit_min_steps=refit_min_steps, precision=train_precision.value),
         refit=refit, cache_dir=cache_dir, skip_bad=skip_bad, backbone_batch=backbone_batch,
-        seeds=parse_ints(seeds, "--seeds"),
+        seeds=parse_ints(seeds, "--seeds"), probe_init=probe_init,
         backbone_precision=backbone_precision.value, backbone_engine=backbone_engine.value, progress=not quiet,
     )
     report = run_training(req, log=logger(quiet), codec={"name": codec})

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -72,6 +73,34 @@ class EdgeMethod(nn.Module):
     def cloud_plan(cls, backbone: BackboneShape, depth: int | None,
                    params: Mapping[str, Any]) -> CloudPlan:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @classmethod
+    def probe_input(cls, params: Mapping[str, Any]) -> str | None:
+        """The sent tensor whose row 0 the head also reads raw, in its last D columns (MIST's `cls_token`), or None.
+
+        Where there is one, a linear probe on that row is a head of this network too (`init_head_from_probe`).
+        """
+        return None
+
+    def init_head_from_probe(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        """Start from the linear probe (`train --probe-init`): the head's last D columns take the probe's raw-feature
+        weights [C, D], its other columns start at zero, its bias takes the probe's [C].
+
+        Why: in eval mode this network's logits then equal the probe's, so training starts from the best convex
+        solution instead of a random head, and on a task too small to learn much more it stays near it.
+        """
+        name = self.probe_input(self.hparams())
+        if name is None:
+            raise ValueError(f"method {self.method_name!r} has no input its head reads raw (mist: --cls-token)")
+        d = self.input_shapes[name][-1]
+        if weight.shape != (self.num_classes, d) or bias.shape != (self.num_classes,):
+            raise ValueError(f"probe head: expected weight ({self.num_classes}, {d}) and bias ({self.num_classes},), "
+                             f"got {weight.shape} and {bias.shape}")
+        head = self.head
+        with torch.no_grad():
+            head.weight.zero_()
+            head.weight[:, -d:].copy_(torch.from_numpy(np.asarray(weight, np.float32)))
+            head.bias.copy_(torch.from_numpy(np.asarray(bias, np.float32)))
 
     def hparams_for_plan(self) -> dict[str, Any]:
         """The hyperparameters the plan depends on (default: all of `hparams`)."""

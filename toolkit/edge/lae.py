@@ -128,6 +128,10 @@ class LowRankAttentionEdge(EdgeMethod):
     def hparams_for_plan(self) -> dict[str, Any]:
         return {"cls_token": True} if self.cls_token else {}
 
+    @classmethod
+    def probe_input(cls, params: Mapping[str, Any]) -> str | None:
+        return CLS if params.get("cls_token") else None  # the head reads concat(LAE embedding, cls): cls is last
+
     def embed(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         x = inputs[GATHER]  # (B, T, D)
         for block in self.blocks[:-1]:
