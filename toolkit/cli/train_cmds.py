@@ -85,7 +85,8 @@ def train(
         "for ViT-S; chosen on val, BENCHMARKS.md)")] = True,  # = mist's train_defaults (a test holds them equal)
     probe_init: Annotated[bool, typer.Option(
         "--probe-init/--no-probe-init", help="mist --cls-token: start every head from the linear probe on the cls "
-        "token (C chosen on val; the LAE half of the head starts at zero)")] = False,
+        "token (C chosen on val; the LAE half of the head starts at zero; lost on val in BENCHMARKS.md, so "
+        "off)")] = False,
     dropout: Annotated[float | None, typer.Option(
         help="mist / vitsplit dropout on the pooled embedding [default: the method's: mist 0.1, vitsplit 0]")] = None,
     refit: Annotated[bool | None, typer.Option(
