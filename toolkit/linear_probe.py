@@ -86,6 +86,15 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, num_classes: int, seed: int, ma
     return weight, bias, int(np.max(clf.n_iter_))
 
 
+def fit_probe_head(x: np.ndarray, y: np.ndarray, c: float, *, num_classes: int, seed: int = 0, max_iter: int = 2000,
+                   tol: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+    """One standardised probe with a given C on (x, y), as a raw-feature head (float32 W [K, D], b [K]): for a C
+    already chosen on val, such as the refit of `train --probe-init` on train + val."""
+    x, y = _check("probe", x, y, num_classes)
+    w, b, _ = _fit(x, y, c, num_classes, seed, max_iter, tol)
+    return w.astype(np.float32), b.astype(np.float32)
+
+
 def _scores(weight: np.ndarray, bias: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     logits = x @ weight.T + bias
     logits -= logits.max(axis=1, keepdims=True)

@@ -256,7 +256,7 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
         return method
 
     models = {d: build(d) for d in depths}
-    probe_c = _probe_init(models, tx, vx, y_train, y_val, transforms, req, log) if req.probe_init else None
+    probe_cs = _probe_init(models, tx, vx, y_train, y_val, transforms, req, log) if req.probe_init else None
 
     def on_epoch(epoch: int, rows: dict) -> None:
         parts = [f"{cls.depth_name}={d}: loss {r['loss']:.3f}" + (f" val {r['val_top1']:.3f}" if "val_top1" in r
@@ -283,8 +283,9 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
                 f"optimiser steps on {len(y_train) + len(y_val)} rows")  # type: ignore[arg-type]
         log(f"refit on train + val for {epochs} epochs ({cls.depth_name}={chosen})")
         final = build(chosen)
-        if probe_c is not None:
-            _refit_probe_init(final, tx[chosen], vx[chosen], y_train, y_val, transforms[chosen], probe_c, req)  # type: ignore[index, arg-type]
+        if probe_cs is not None:
+            _refit_probe_init(final, tx[chosen] + vx[chosen], np.concatenate([y_train, y_val]),  # type: ignore[index, list-item]
+                              transforms[chosen], probe_cs[chosen], req)
         # the search's schedule (min_steps applied for the train rows, warmup included), cut at the best epoch
         refit_params = replace(req.params.for_rows(len(y_train)), epochs=epochs)
         _with_threads(req.train_threads, lambda: fit(final, tx[chosen] + vx[chosen],  # type: ignore[index]
@@ -295,7 +296,7 @@ def run_training(req: TrainRequest, log: Log = print, codec: dict[str, Any] | No
                             {"val_top1": val_top1, "val_loss": best.best_val_loss,
                              "epochs_run": {str(d): r.epochs_run for d, r in results.items()}, "k_search": search,
                              "refit_epochs": epochs if req.refit else None,
-                             **({"probe_init": {"C": probe_c}} if probe_c is not None else {})},
+                             **({"probe_init": {"C": probe_cs[chosen]}} if probe_cs is not None else {})},
                             {"probe_init": req.probe_init})
 
 
@@ -324,13 +325,15 @@ def first_rows(x: InputRows, name: str, transforms: Any) -> np.ndarray:
 
 def _probe_init(models: dict[int | None, EdgeMethod], tx: dict[Any, InputRows], vx: dict[Any, InputRows] | None,
                 y_train: np.ndarray, y_val: np.ndarray | None, transforms: dict[Any, Any], req: TrainRequest,
-                log: Log) -> float:
+                log: Log) -> dict[int | None, float]:
     """`--probe-init` for the search: the linear probe (C chosen on val, fitted on train only) becomes every
-    candidate's starting head. One probe per distinct round trip of the cls tensor (fp32: one for all k).
-    Returns the chosen C; the refit's probe reuses it on train + val."""
+    candidate's starting head. One probe per distinct round trip of the cls tensor (fp32: one for all k; a codec
+    is calibrated per candidate). Returns each candidate's C; the refit's probe reuses the chosen one's."""
     from mist_kit.linear_probe import fit_linear_probe
 
     fitted: dict[int, Any] = {}
+    users: dict[int, list[str]] = {}
+    cs: dict[int | None, float] = {}
     for d, model in models.items():
         name = model.probe_input(model.hparams())
         assert name is not None and vx is not None and y_val is not None  # TrainRequest checked both
@@ -340,22 +343,25 @@ def _probe_init(models: dict[int | None, EdgeMethod], tx: dict[Any, InputRows], 
                                            first_rows(vx[d], name, transforms[d]), y_val, seed=req.params.seed,
                                            refit=False, num_classes=model.num_classes)
         model.init_head_from_probe(fitted[key].weight, fitted[key].bias)
-    res = next(iter(fitted.values()))
-    log(f"probe init: every head starts from the linear probe, C={res.C:g} chosen on val (val top-1 "
-        f"{res.val_top1_by_C[res.C]:.3f})")
-    return res.C
+        users.setdefault(key, []).append(str(d))
+        cs[d] = fitted[key].C
+    depth_name = next(iter(models.values())).depth_name
+    for key, res in fitted.items():
+        log(f"probe init ({depth_name}={', '.join(users[key])}): the head starts from the linear probe, C={res.C:g} "
+            f"chosen on val (val top-1 {res.val_top1_by_C[res.C]:.3f})")
+    return cs
 
 
-def _refit_probe_init(final: EdgeMethod, tx: InputRows, vx: InputRows, y_train: np.ndarray, y_val: np.ndarray,
-                      transforms: Any, c: float, req: TrainRequest) -> None:
-    """`--probe-init` for the refit: the probe with the search's C, refitted on train + val, starts the head."""
-    from mist_kit.linear_probe import fit_linear_probe
+def _refit_probe_init(final: EdgeMethod, x: InputRows, y: np.ndarray, transforms: Any, c: float,
+                      req: TrainRequest) -> None:
+    """`--probe-init` for the refit: the probe with the search's C, fitted on the refit's rows (train + val),
+    starts the head."""
+    from mist_kit.linear_probe import fit_probe_head
 
     name = final.probe_input(final.hparams())
     assert name is not None
-    res = fit_linear_probe(first_rows(tx, name, transforms), y_train, first_rows(vx, name, transforms), y_val,
-                           Cs=(c,), seed=req.params.seed, refit=True, num_classes=final.num_classes)
-    final.init_head_from_probe(res.weight, res.bias)
+    final.init_head_from_probe(*fit_probe_head(first_rows(x, name, transforms), y, c,
+                                               num_classes=final.num_classes, seed=req.params.seed))
 
 
 def refit_epochs(best_epoch: int, rows: int, params: TrainParams) -> int:
